@@ -1,0 +1,183 @@
+"""vLLM worker extension: master adapter states on the worker, probe states written in place into LoRA slots.
+
+Mixed into the vLLM worker through `worker_extension_cls` and driven with `collective_rpc`. Only seeds and
+scalars cross the process boundary on the hot path; tensors move only when a state is registered or read
+back. It touches private vLLM attributes (`lora_manager._adapter_manager`, `modules`, `lora_*_stacked`),
+which is why the vLLM version is pinned and the binding self-tests slot writes against a PEFT load at start.
+
+Slot buffers per LoRA layer (see VLLM_NOTES): `lora_a_stacked[slice]` [max_loras, 1, max_rank, in] and
+`lora_b_stacked[slice]` [max_loras, 1, out, max_rank]; α/r is folded into B. Writes use in-place `copy_` so
+kernels that cache buffer pointers stay valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
+from scheduler.zo import mezo
+from scheduler.zo.lora_layout import LoraLayout, LoraShape, TensorSpec
+
+try:  # bf16 on AMX CPUs needs the tile permission requested in every process that runs the kernels.
+    torch._C._cpu._init_amx()
+except (AttributeError, RuntimeError):
+    pass
+
+
+def tensors_to_wire(tensors: dict[str, torch.Tensor]) -> bytes:
+    """Tensors cross `collective_rpc` as safetensors bytes: exact and far cheaper than msgpack'd lists."""
+    return save_tensors({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()})
+
+
+def tensors_from_wire(blob: bytes) -> dict[str, torch.Tensor]:
+    return load_tensors(bytes(blob))
+
+
+def layout_to_wire(layout: LoraLayout) -> tuple:
+    shape = layout.shape
+    return (
+        (shape.rank, shape.alpha, tuple(shape.target_modules)),
+        tuple((t.name, tuple(t.shape), t.module, t.kind) for t in layout.tensors),
+    )
+
+
+def layout_from_wire(wire: tuple) -> LoraLayout:
+    (rank, alpha, targets), tensors = wire
+    return LoraLayout(
+        LoraShape(int(rank), float(alpha), tuple(targets)),
+        tuple(TensorSpec(name, tuple(shape), module, kind) for name, shape, module, kind in tensors),
+    )
+
+
+@dataclass
+class _MasterState:
+    layout: LoraLayout
+    theta: dict[str, torch.Tensor]  # fp32, PEFT names
+
+
+@dataclass(frozen=True)
+class _SlotTarget:
+    layer: object  # vLLM BaseLayerWithLoRA
+    slice_index: int
+
+
+class ZOWorkerExtension:
+    """Methods callable via `collective_rpc("zo_*", args=...)`; `self` is the vLLM worker."""
+
+    # ----------------------------------------------------------------- internals
+    def _zo_states(self) -> dict[str, _MasterState]:
+        if not hasattr(self, "_zo_master_states"):
+            self._zo_master_states = {}
+        return self._zo_master_states
+
+    def _zo_manager(self):
+        return self.model_runner.lora_manager._adapter_manager
+
+    def _zo_slot_index(self, lora_id: int) -> int:
+        try:
+            return self._zo_manager().lora_index_to_id.index(lora_id)
+        except ValueError as exc:
+            raise KeyError(f"LoRA id {lora_id} is not active in any slot") from exc
+
+    def _zo_targets(self, layout: LoraLayout) -> dict[str, _SlotTarget]:
+        """PEFT module path → (vLLM LoRA layer, slice index), resolving packed modules like qkv_proj."""
+        manager = self._zo_manager()
+        modules = manager.modules
+        packed = manager.packed_modules_mapping
+        targets: dict[str, _SlotTarget] = {}
+        for module in layout.modules:
+            if module in modules:
+                targets[module] = _SlotTarget(modules[module], 0)
+                continue
+            parent, leaf = module.rsplit(".", 1)
+            for packed_name, parts in packed.items():
+                if leaf in parts and f"{parent}.{packed_name}" in modules:
+                    targets[module] = _SlotTarget(modules[f"{parent}.{packed_name}"], parts.index(leaf))
+                    break
+            else:
+                raise KeyError(f"module {module} has no LoRA layer in the engine (check lora_target_modules)")
+        return targets
+
+    def _zo_clear_slot(self, slot: int) -> None:
+        for layer in self._zo_manager().modules.values():
+            layer.reset_lora(slot)
+
+    def _zo_write_tensor(self, target: _SlotTarget, spec: TensorSpec, slot: int, value: torch.Tensor, scaling: float) -> None:
+        if spec.kind == "A":  # value [r, in]
+            r, n_in = value.shape
+            target.layer.lora_a_stacked[target.slice_index][slot, 0, :r, :n_in].copy_(value)
+        else:  # value [out, r]; α/r folded into B as vLLM does at registration
+            n_out, r = value.shape
+            target.layer.lora_b_stacked[target.slice_index][slot, 0, :n_out, :r].copy_(value * scaling)
+
+    # ----------------------------------------------------------------- RPC surface
+    def zo_slot_indices(self, lora_ids: Sequence[int]) -> list[int]:
+        return [self._zo_slot_index(int(i)) for i in lora_ids]
+
+    def zo_set_state(self, key: str, layout_wire: tuple, theta_wire: bytes) -> int:
+        """Register (or replace) the master state θ of `key`. Returns its parameter count."""
+        layout = layout_from_wire(layout_wire)
+        theta = tensors_from_wire(theta_wire)
+        missing = {t.name for t in layout.tensors} - set(theta)
+        if missing:
+            raise KeyError(f"state for {key} lacks tensors: {sorted(missing)[:3]}")
+        self._zo_states()[key] = _MasterState(
+            layout, {t.name: theta[t.name].detach().to(torch.float32).clone() for t in layout.tensors}
+        )
+        return layout.num_params
+
+    def zo_drop_state(self, key: str) -> bool:
+        return self._zo_states().pop(key, None) is not None
+
+    def zo_has_state(self, key: str) -> bool:
+        return key in self._zo_states()
+
+    def zo_get_state(self, key: str) -> bytes:
+        return tensors_to_wire(self._zo_states()[key].theta)
+
+    def zo_write_state(self, key: str, lora_id: int) -> None:
+        """Copy the master θ of `key` (no perturbation) into the slot of `lora_id`."""
+        state = self._zo_states()[key]
+        slot = self._zo_slot_index(lora_id)
+        targets = self._zo_targets(state.layout)
+        scaling = state.layout.shape.scaling
+        self._zo_clear_slot(slot)
+        for spec in state.layout.tensors:
+            self._zo_write_tensor(targets[spec.module], spec, slot, state.theta[spec.name], scaling)
+
+    def zo_write_probes(
+        self, key: str, seeds: Sequence[int], eps: float, plus_ids: Sequence[int], minus_ids: Sequence[int]
+    ) -> None:
+        """Write θ + ε zᵢ into slot plus_ids[i] and θ − ε zᵢ into slot minus_ids[i], z from seeds[i]."""
+        state = self._zo_states()[key]
+        plus_slots = [self._zo_slot_index(int(i)) for i in plus_ids]
+        minus_slots = [self._zo_slot_index(int(i)) for i in minus_ids]
+        targets = self._zo_targets(state.layout)
+        scaling = state.layout.shape.scaling
+        specs = {t.name: t for t in state.layout.tensors}
+        for slot in plus_slots + minus_slots:
+            self._zo_clear_slot(slot)
+        for name, plus, minus in mezo.probe_states(state.theta, state.layout, seeds, float(eps)):
+            spec = specs[name]
+            for slot, value in zip(plus_slots, plus, strict=True):
+                self._zo_write_tensor(targets[spec.module], spec, slot, value, scaling)
+            for slot, value in zip(minus_slots, minus, strict=True):
+                self._zo_write_tensor(targets[spec.module], spec, slot, value, scaling)
+
+    def zo_apply_mezo_update(
+        self, key: str, seeds: Sequence[int], coeffs: Sequence[float], lr: float, weight_decay: float
+    ) -> None:
+        state = self._zo_states()[key]
+        mezo.apply_update(state.theta, state.layout, seeds, coeffs, lr, weight_decay)
+
+    def zo_export_peft(self, key: str, out_dir: str, base_model: str = "") -> str:
+        state = self._zo_states()[key]
+        shape = state.layout.shape
+        config = PeftAdapterConfig(shape.rank, shape.alpha, shape.target_modules, base_model)
+        return str(write_peft_dir(state.theta, config, Path(out_dir)))
