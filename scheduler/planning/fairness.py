@@ -1,0 +1,120 @@
+"""Weighted fair sharing of scoring tokens across training jobs.
+
+Start-time fair queueing over tokens, the virtual-time form of deficit round robin: each job carries a
+virtual start tag = tokens granted to it / its weight, offset from where it joined. The job with the
+smallest tag goes next. DRR's quantum = weight becomes "a token costs 1/weight virtual time", which handles
+steps of very different sizes (B x 2q x sequence length varies 100x across jobs) without tuning a quantum,
+and gives the same long-run shares with lag bounded by one step per job.
+
+Why not plain DRR rounds: a ZO job has at most one step outstanding (step N+1 perturbs version N+1), so a
+job is rarely "backlogged" in DRR's sense and DRR would reset its deficit every time its step is in flight.
+Tags keep that history instead.
+
+- A new or resumed job joins at the current virtual time (the smallest tag among active jobs), so it cannot
+  claim credit for time it was away and does not owe anything either.
+- A paused or removed job is dropped at once: its share goes to the others from the next grant on.
+- No starvation: tags only grow by what a job is granted, so a waiting job's tag is eventually the smallest,
+  and the planner lets no one overtake the head of the queue (see planner.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+from scheduler.planning.records import JobDemand, PlanningError, require, require_count
+
+
+@dataclass(frozen=True)
+class JobFairState:
+    job_id: str
+    virtual_start: float  # tokens granted / weight, offset to the virtual time at which the job joined
+    num_tokens_granted_total: int = 0
+    recent_tokens: float = 0.0  # EWMA of tokens granted per round, for the share record
+
+
+@dataclass(frozen=True)
+class FairnessState:
+    jobs: tuple[JobFairState, ...] = ()  # sorted by job_id
+    virtual_time: float = 0.0  # never decreases
+
+    def by_job(self) -> dict[str, JobFairState]:
+        return {job.job_id: job for job in self.jobs}
+
+
+def _freeze(jobs: Iterable[JobFairState], virtual_time: float) -> FairnessState:
+    return FairnessState(jobs=tuple(sorted(jobs, key=lambda job: job.job_id)), virtual_time=virtual_time)
+
+
+def sync_jobs(state: FairnessState, demands: Iterable[JobDemand]) -> FairnessState:
+    """Admit new and resumed jobs at the current virtual time; drop paused and vanished ones."""
+    active = [demand for demand in demands if not demand.is_paused]
+    known = state.by_job()
+    kept = [known[demand.job_id] for demand in active if demand.job_id in known]
+    # Virtual time follows the most-owed job still present and never moves back.
+    virtual_time = state.virtual_time
+    if kept:
+        virtual_time = max(virtual_time, min(job.virtual_start for job in kept))
+    joined = [
+        JobFairState(job_id=demand.job_id, virtual_start=virtual_time)
+        for demand in active
+        if demand.job_id not in known
+    ]
+    return _freeze([*kept, *joined], virtual_time)
+
+
+def fair_order(state: FairnessState, demands: Iterable[JobDemand]) -> tuple[JobDemand, ...]:
+    """Jobs that could start a step now (not paused, none in flight), most owed first."""
+    tags = state.by_job()
+    ready = [demand for demand in demands if not demand.is_paused and not demand.has_step_in_flight]
+    for demand in ready:
+        if demand.job_id not in tags:
+            raise PlanningError(f"job_id: {demand.job_id!r} is not in the fairness state; call sync_jobs first")
+    return tuple(sorted(ready, key=lambda demand: (tags[demand.job_id].virtual_start, demand.job_id)))
+
+
+def charge(state: FairnessState, job_id: str, num_tokens: int, weight: float) -> FairnessState:
+    """Account a granted step. Charged at grant time, like a start tag: the job pays before it runs."""
+    require_count(num_tokens, "num_tokens")
+    require(weight > 0, "weight", f"must be > 0, got {weight}")
+    jobs = state.by_job()
+    if job_id not in jobs:
+        raise PlanningError(f"job_id: {job_id!r} is not in the fairness state")
+    job = jobs[job_id]
+    jobs[job_id] = replace(
+        job,
+        virtual_start=job.virtual_start + num_tokens / weight,
+        num_tokens_granted_total=job.num_tokens_granted_total + num_tokens,
+    )
+    return _freeze(jobs.values(), state.virtual_time)
+
+
+def refund(state: FairnessState, job_id: str, num_tokens: int, weight: float) -> FairnessState:
+    """Undo a charge for a granted step that was never submitted (engine error, job cancelled)."""
+    require_count(num_tokens, "num_tokens")
+    require(weight > 0, "weight", f"must be > 0, got {weight}")
+    jobs = state.by_job()
+    if job_id not in jobs:
+        return state  # already dropped (paused / removed): nothing to give back
+    job = jobs[job_id]
+    jobs[job_id] = replace(
+        job,
+        virtual_start=max(state.virtual_time, job.virtual_start - num_tokens / weight),
+        num_tokens_granted_total=max(0, job.num_tokens_granted_total - num_tokens),
+    )
+    return _freeze(jobs.values(), state.virtual_time)
+
+
+def close_round(state: FairnessState, granted_tokens: Mapping[str, int], decay: float) -> FairnessState:
+    """Fold this round's grants into each job's recent-tokens EWMA (visibility only, not policy)."""
+    require(0.0 <= decay < 1.0, "decay", f"must be in [0, 1), got {decay}")
+    jobs = [
+        replace(job, recent_tokens=decay * job.recent_tokens + (1.0 - decay) * granted_tokens.get(job.job_id, 0))
+        for job in state.jobs
+    ]
+    return _freeze(jobs, state.virtual_time)
+
+
+def recent_shares(state: FairnessState) -> dict[str, float]:
+    total = sum(job.recent_tokens for job in state.jobs)
+    return {job.job_id: (job.recent_tokens / total if total > 0 else 0.0) for job in state.jobs}
