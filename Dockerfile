@@ -40,8 +40,7 @@ ENV ZOSERVE_HOST=0.0.0.0 \
     ZOSERVE_PORT=8000 \
     ZOSERVE_DATA_DIR=/var/lib/zoserve \
     ZOSERVE_CACHE_DIR=/var/lib/zoserve/cache \
-    HF_HOME=/var/lib/zoserve/hf \
-    VLLM_CPU_KVCACHE_SPACE=2
+    HF_HOME=/var/lib/zoserve/hf
 USER 10001:10001
 VOLUME ["/var/lib/zoserve"]
 EXPOSE 8000

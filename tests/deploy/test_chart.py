@@ -126,7 +126,6 @@ def test_defaults_render_gpu_deployment_with_probes_and_storage() -> None:
     assert env["ZOSERVE_HOST"]["value"] == "0.0.0.0" and env["ZOSERVE_PORT"]["value"] == "8000"
     assert env["ZOSERVE_DATA_DIR"]["value"] == "/var/lib/zoserve"
     assert "ZOSERVE_REDIS_URL" not in env and "ZOSERVE_ADMIN_API_KEYS" not in env
-    assert "VLLM_CPU_KVCACHE_SPACE" not in env
     pod = r.one("Deployment")["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -184,10 +183,10 @@ def test_gpu_count_node_selector_tolerations() -> None:
 
 
 def test_cpu_mode_has_no_gpu_and_sets_kv_cache() -> None:
-    r = render({"device": "cpu", "cpu": {"kvCacheSpaceGiB": 4}})
+    r = render({"device": "cpu", "config": {"kv_cache_gib": 4}})
     resources = r.container["resources"]
     assert "nvidia.com/gpu" not in resources.get("limits", {}) and "nvidia.com/gpu" not in resources.get("requests", {})
-    assert r.env["VLLM_CPU_KVCACHE_SPACE"]["value"] == "4"
+    assert r.env["ZOSERVE_KV_CACHE_GIB"]["value"] == "4"
     assert r.container["image"].endswith(":0.1.0-cpu")
     assert "nodeSelector" not in r.one("Deployment")["spec"]["template"]["spec"]
 
@@ -207,7 +206,7 @@ def test_config_becomes_zoserve_env_and_reserved_keys_are_refused() -> None:
 def test_api_keys_go_through_the_chart_secret() -> None:
     r = render({"apiKeys": {"admin": ["adm-1", "adm-2"], "inference": ["inf-1"]}})
     data = secret_data(r, FULLNAME)
-    assert data == {"admin-api-keys": "adm-1,adm-2", "inference-api-keys": "inf-1"}
+    assert data == {"admin-api-keys": '["adm-1","adm-2"]', "inference-api-keys": '["inf-1"]'}
     assert secret_ref(r.env["ZOSERVE_ADMIN_API_KEYS"]) == (FULLNAME, "admin-api-keys")
     assert secret_ref(r.env["ZOSERVE_INFERENCE_API_KEYS"]) == (FULLNAME, "inference-api-keys")
     assert "value" not in r.env["ZOSERVE_ADMIN_API_KEYS"]
@@ -217,6 +216,24 @@ def test_api_keys_go_through_the_chart_secret() -> None:
     annotation = "checksum/secret"
     assert (r.one("Deployment")["spec"]["template"]["metadata"]["annotations"][annotation]
             != other.one("Deployment")["spec"]["template"]["metadata"]["annotations"][annotation])
+
+
+def test_secret_and_env_parse_with_the_service_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The contract with service/settings.py: what the pod's environment would hold parses as Settings."""
+    from service.settings import Settings
+
+    r = render({"apiKeys": {"admin": ["adm,1", 'q"uote'], "inference": ["inf-1"]},
+                "externalRedis": {"url": "redis://r:6379/0"}, "config": {"num_slots": 16, "dtype": "bfloat16"}})
+    secret = secret_data(r, FULLNAME)
+    for name, env in r.env.items():
+        if name.startswith("ZOSERVE_"):
+            value = env["value"] if "value" in env else secret[secret_ref(env)[1]]
+            monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.admin_api_keys == ["adm,1", 'q"uote'] and settings.inference_api_keys == ["inf-1"]
+    assert settings.redis_url == "redis://r:6379/0"
+    assert (settings.host, settings.port, str(settings.data_dir)) == ("0.0.0.0", 8000, "/var/lib/zoserve")
+    assert settings.num_slots == 16 and settings.dtype == "bfloat16"
 
 
 def test_existing_secret_for_api_keys() -> None:
