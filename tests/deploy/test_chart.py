@@ -315,3 +315,31 @@ def test_persistence_off_uses_empty_dir_and_existing_claim() -> None:
     assert r.all("PersistentVolumeClaim") == []
     volumes = {v["name"]: v for v in r.one("Deployment")["spec"]["template"]["spec"]["volumes"]}
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "blobs"
+
+
+# ------------------------------------------------------------------------------ ci/*-values.yaml files
+
+CI_VALUES = sorted((CHART_DIR / "ci").glob("*-values.yaml"))
+
+
+def test_ci_values_files_cover_the_scenarios() -> None:
+    assert {p.name for p in CI_VALUES} == {"default-values.yaml", "cpu-values.yaml", "gpu-values.yaml",
+                                           "external-redis-values.yaml", "redis-values.yaml"}
+
+
+@pytest.mark.parametrize("path", CI_VALUES, ids=[p.stem for p in CI_VALUES])
+def test_ci_values_lint_strict_and_render(path: Path, chart_with_redis_stub: Path) -> None:
+    values = helm.values_from_yaml(path.read_text()) or {}
+    # Lint and render with the dependency present (stand-in), so strict lint has nothing to say.
+    report = helm.lint(chart_with_redis_stub, values, strict=True, kube_version="v1.30.0")
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
+    r = render(values, chart_with_redis_stub)
+    c = r.container
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    gpu_limit = c["resources"].get("limits", {}).get("nvidia.com/gpu")
+    assert gpu_limit == (None if values.get("device") == "cpu" else str(values.get("gpu", {}).get("count", 1)))
+    if values.get("replicaCount", 1) > 1 or values.get("redis", {}).get("enabled"):
+        assert "ZOSERVE_REDIS_URL" in r.env
+    if values.get("serviceMonitor", {}).get("enabled"):
+        r.one("ServiceMonitor")
+    assert len(r.all("ConfigMap")) == 3
