@@ -21,6 +21,7 @@ from adapters_store.records import (
     RecordKind,
     SnapshotRef,
     VersionRecord,
+    parse_address,
 )
 from adapters_store.store import AdapterStore, ApplyRecord
 
@@ -28,5 +29,5 @@ __all__ = [
     "AdapterCommit", "AdapterExists", "AdapterMeta", "AdapterNotFound", "AdapterState", "AdapterStore",
     "ApplyRecord", "BlobInfo", "BlobNotFound", "BlobStore", "HeadConflict", "IntegrityError", "InvalidArgument",
     "LocalBlobStore", "MetadataBackend", "RecordKind", "SnapshotRef", "StoreError", "VersionNotFound",
-    "VersionRecord", "decode_record", "encode_record", "open_store",
+    "VersionRecord", "decode_record", "encode_record", "open_store", "parse_address",
 ]

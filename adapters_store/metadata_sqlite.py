@@ -44,6 +44,7 @@ class SqliteMetadata:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoserve-sqlite")
         self._conn = self._executor.submit(self._connect, path, durable).result()
+        self._closed = False
 
     @staticmethod
     def _connect(path: Path, durable: bool) -> sqlite3.Connection:
@@ -206,5 +207,8 @@ class SqliteMetadata:
         return await self._run(run)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         await self._run(self._conn.close)
         self._executor.shutdown(wait=True)

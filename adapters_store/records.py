@@ -36,6 +36,17 @@ def validate_version(version: int, field_name: str = "version") -> int:
     return version
 
 
+def parse_address(address: str) -> tuple[str, int | None]:
+    """`name` or `name@version` (version a number or "latest") → (name, version or None for the head)."""
+    name, sep, version = address.partition("@")
+    validate_name(name)
+    if not sep or version == "latest":
+        return name, None
+    if not version.isdigit():
+        raise InvalidArgument("version", f"{version!r} in {address!r} is neither a version number nor 'latest'")
+    return name, int(version)
+
+
 class RecordKind(enum.IntEnum):
     UPDATE = 1
     ROLLBACK = 2
