@@ -120,6 +120,10 @@ class ZOWorkerExtension:
     def zo_slot_indices(self, lora_ids: Sequence[int]) -> list[int]:
         return [self._zo_slot_index(int(i)) for i in lora_ids]
 
+    def zo_clear_slots(self, lora_ids: Sequence[int]) -> None:
+        for lora_id in lora_ids:
+            self._zo_clear_slot(self._zo_slot_index(int(lora_id)))
+
     def zo_set_state(self, key: str, layout_wire: tuple, theta_wire: bytes) -> int:
         """Register (or replace) the master state θ of `key`. Returns its parameter count."""
         layout = layout_from_wire(layout_wire)

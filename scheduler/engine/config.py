@@ -1,0 +1,51 @@
+"""Engine settings as a frozen record, translated to vLLM engine arguments in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # local model directory
+    dtype: str = "float32"  # "float32" | "bfloat16"
+    num_slots: int = 8  # vLLM max_loras: num_slots - 1 pinned slots owned by zoserve + 1 for PEFT-dir loads
+    max_lora_rank: int = 8
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    kv_cache_gib: float = 1.0
+    max_model_len: int = 512
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    enable_prefix_caching: bool = True
+    num_cpu_threads: int | None = None  # None: every core of the machine (CPU build only)
+    seed: int = 0
+
+    def apply_process_env(self) -> None:
+        """Environment the spawned vLLM processes read at start (CPU build); must run before the engine starts."""
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.kv_cache_gib))))
+        num_threads = self.num_cpu_threads or os.cpu_count() or 1
+        # By default the CPU worker reserves one core and runs a single OpenMP thread on a 2-core box.
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{num_threads - 1}")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+    def engine_kwargs(self) -> dict:
+        return dict(
+            model=self.model,
+            dtype=self.dtype,
+            enable_lora=True,
+            max_loras=self.num_slots,
+            max_cpu_loras=self.num_slots + 1,
+            max_lora_rank=self.max_lora_rank,
+            lora_target_modules=list(self.target_modules),
+            enforce_eager=True,
+            scheduling_policy="priority",
+            worker_extension_cls="scheduler.engine.worker_extension.ZOWorkerExtension",
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_prefix_caching=self.enable_prefix_caching,
+            disable_log_stats=False,
+            seed=self.seed,
+        )
