@@ -21,13 +21,11 @@ class Quadratic:
         self.layout = layout
         self.target = {s.name: torch.randn(s.shape, generator=g, dtype=torch.float64) for s in layout.tensors}
         self.curvature = {s.name: 0.5 + torch.rand(s.shape, generator=g, dtype=torch.float64) for s in layout.tensors}
+        self._target, self._curvature = flat(self.target, layout), flat(self.curvature, layout)  # [N]
 
     def __call__(self, theta: dict[str, torch.Tensor]) -> float:
-        total = 0.0
-        for name, target in self.target.items():
-            diff = theta[name].to(torch.float64) - target
-            total += float(0.5 * (self.curvature[name] * diff * diff).sum())
-        return total
+        diff = flat(theta, self.layout) - self._target  # [N]
+        return float(0.5 * (self._curvature * diff * diff).sum())
 
     def grad(self, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {n: self.curvature[n] * (theta[n].to(torch.float64) - t) for n, t in self.target.items()}
