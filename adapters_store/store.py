@@ -124,8 +124,11 @@ class AdapterStore:
         return ref
 
     async def _put_snapshot(self, name: str, version: int, state: AdapterState) -> SnapshotRef:
-        data = await asyncio.to_thread(encode_state, state)
-        digest = await asyncio.to_thread(sha256_hex, data)
+        def encode() -> tuple[bytes, str]:
+            data = encode_state(state)
+            return data, sha256_hex(data)
+
+        data, digest = await asyncio.to_thread(encode)  # one thread hop: ~1 ms of CPU for a 1 MB θ
         key = content_key(digest)
         # Always (re)write, even if the content exists: it refreshes the blob's age, so a concurrent GC's
         # grace period protects a blob this commit is about to reference again.

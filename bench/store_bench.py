@@ -20,7 +20,9 @@ from pathlib import Path
 import redis
 import torch
 
-from adapters_store import AdapterState, VersionRecord, encode_record, open_store
+from adapters_store import AdapterState, LocalBlobStore, VersionRecord, encode_record, open_store
+from adapters_store.blobs import content_key, sha256_hex
+from adapters_store.snapshots import encode_state
 from scheduler.models.tiny import ensure_model
 from scheduler.zo import mezo
 from scheduler.zo.directions import derive_seeds
@@ -112,6 +114,32 @@ async def bench_replay(layout, num_steps: int, num_directions: int) -> dict:
             "steps_per_s": round(num_steps / elapsed_s, 1)}
 
 
+async def snapshot_parts(layout, num_samples: int = 30) -> dict[str, float]:
+    """Median cost of the pieces of a snapshot commit (the put includes its thread hop)."""
+    state = AdapterState(initial_state(layout, seed=0))
+    data = encode_state(state)
+
+    def median_ms(fn) -> float:
+        samples = []
+        for _ in range(num_samples):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return round(statistics.median(samples) * 1e3, 3)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        blobs = LocalBlobStore(Path(tmp))
+        key = content_key(sha256_hex(data))
+        samples = []
+        for _ in range(num_samples):
+            t0 = time.perf_counter()
+            await blobs.put(key, data)
+            samples.append(time.perf_counter() - t0)
+        put_ms = round(statistics.median(samples) * 1e3, 3)
+    return {"encode_safetensors_ms": median_ms(lambda: encode_state(state)),
+            "sha256_ms": median_ms(lambda: sha256_hex(data)), "blob_put_fsync_ms": put_ms}
+
+
 async def main_async(args) -> dict:
     layout = layout_for_model_dir(ensure_model("opt-125m-shape"), LoraShape(8, 16.0, ("q_proj", "v_proj")))
     result = {
@@ -121,6 +149,7 @@ async def main_async(args) -> dict:
         "torch_threads": torch.get_num_threads(),
         "sqlite": await bench_backend(None, layout, args.num_commits, args.num_snapshots),
         "redis": await bench_backend(REDIS_URL, layout, args.num_commits, args.num_snapshots),
+        "snapshot_parts": await snapshot_parts(layout),
         "replay": [await bench_replay(layout, args.num_replay, q) for q in (1, 4)],
     }
     return result
