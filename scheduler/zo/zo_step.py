@@ -14,6 +14,19 @@ A probe slot is an explicit linear combination `Probe`: value = a·θ + Σ_j s_j
 `next_probes` for the next round of probe slots until it returns None, scores each slot's sequences, and
 closes the step with `finish_step`, which returns the tiny `StepRecord` (seeds, losses, coefficients, lr)
 that `apply_record` turns into version N+1, on the worker and in store replay alike.
+
+Engine use, per step (only seeds, probe descriptions and scalars cross the process boundary):
+
+    method = methods.build_method(name, hyper, block_scales=..., mask=...)   # once per job, both sides
+    seeds = method.perturbation.seeds_for_step(job_seed, step, method.num_directions)
+    losses = ()
+    while (probes := next_probes(method, seeds, losses, lr)) is not None:
+        worker: for spec, values in probe_values(θ, layout, method.perturbation, seeds, probes):
+                    write values[j] into the slot of probe j
+        scheduler: score every probe slot's sequences; losses += (one scalar per probe, in order)
+    record = finish_step(method, seeds, losses, lr)        # scheduler side, pure
+    worker: apply_record(method, state, layout, record)     # θ and buffers → version N+1
+    store: (step, seeds.as_tuple(), record.coeffs, record.lr, hyper_items(hyper)) is the version record
 """
 
 from __future__ import annotations
@@ -61,6 +74,15 @@ class Probe:
 
     terms: tuple[tuple[int, float], ...] = ()  # (direction index, scale)
     theta_scale: float = 1.0
+
+
+def probes_to_wire(probes: Sequence[Probe]) -> tuple:
+    """Plain nested tuples for `collective_rpc`: ((theta_scale, ((index, scale), …)), …)."""
+    return tuple((p.theta_scale, tuple((int(i), float(c)) for i, c in p.terms)) for p in probes)
+
+
+def probes_from_wire(wire: Sequence) -> tuple[Probe, ...]:
+    return tuple(Probe(tuple((int(i), float(c)) for i, c in terms), float(a)) for a, terms in wire)
 
 
 @dataclass(frozen=True)
@@ -218,10 +240,10 @@ def probe_values(
         base = theta[spec.name]
         values = []
         for probe in probes:
-            value = base.clone() if probe.theta_scale == 1.0 else base * probe.theta_scale
+            value = base if probe.theta_scale == 1.0 else base * probe.theta_scale
             for index, scale in probe.terms:
-                value = value + scale * ds[index]  # [shape of spec]
-            values.append(value)
+                value = value + scale * ds[index]  # [shape of spec], a new tensor
+            values.append(base.clone() if value is base else value)
         yield spec, values
 
 

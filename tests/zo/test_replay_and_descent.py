@@ -56,7 +56,8 @@ def test_replay_is_bitwise(variant):
     method, state0, state, records = _train(name, artifacts, 30, Quadratic(LAYOUT))
     # what the store keeps: step, flat seeds, coefficients, lr — and nothing tensor-sized
     stored = [(r.seeds.step, r.seeds.as_tuple(), r.coeffs, r.lr) for r in records]
-    rebuilt = [StepRecord(StepSeeds.from_tuple(s, seeds, method.num_directions), (), c, lr) for s, seeds, c, lr in stored]
+    q = method.num_directions
+    rebuilt = [StepRecord(StepSeeds.from_tuple(s, seeds, q), (), c, lr) for s, seeds, c, lr in stored]
     replayed = replay(method, state0, LAYOUT, rebuilt)
     assert replayed.theta.keys() == state.theta.keys() and replayed.buffers.keys() == state.buffers.keys()
     assert all(torch.equal(replayed.theta[k], state.theta[k]) for k in state.theta)

@@ -17,6 +17,8 @@ from scheduler.zo.zo_step import (
     materialise_probes,
     next_probes,
     probe_values,
+    probes_from_wire,
+    probes_to_wire,
     reference_step,
 )
 
@@ -168,3 +170,11 @@ def test_step_seeds_round_trip_through_a_flat_tuple(name):
 def test_hyper_type_must_match_method():
     with pytest.raises(ValueError):
         build_method("zo-adam", SgdHyper())
+
+
+@pytest.mark.parametrize("name", ["zo-sgd-cons", "kerzoo"])
+def test_probes_round_trip_through_the_wire(name):
+    method = _method(name)
+    seeds = method.perturbation.seeds_for_step(8, 3, 2)
+    probes = next_probes(method, seeds, (), 0.1)
+    assert probes_from_wire(probes_to_wire(probes)) == probes
