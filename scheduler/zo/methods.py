@@ -9,7 +9,10 @@
 | `zo-sgd-cons` | z (opt. scaled / masked)       | 2q+1, then 2  | best of θ, θ ∓ lr·ĝ (ZO-Bench)  | —         |
 | `lozo`        | Uᵢ·Vᵀ, V every ν steps         | 2q            | SGD                             | —         |
 | `lozo-m`      | Uᵢ·Vᵀ, V every ν steps         | 2q            | momentum in U-space             | lozo_m    |
-| `kerzoo`      | z probed at ±ε·rᵢ, weight K(rᵢ) | 2q            | MeZO-SGD                        | —         |
+| `kerzoo`      | z at ±ε·rᵢ, weighted K(rᵢ)     | 2q            | MeZO-SGD                        | —         |
+
+Papers: ZO-Bench (Zhang et al., ICML 2024) for the zo-* rows, see `optimisers.py` and `zo_step.next_probes`;
+LoZO (Chen et al., 2024) in `lozo.py`; KerZOO (Mi et al., 2025) in `kerzoo.py`; MeZO (Malladi et al., 2023).
 
 Block scales and sparse masks are per-job artifacts (loaded by the server from its own storage, never from a
 caller's path) passed to `build_method`; they apply to the Gaussian-direction methods. Hyper-parameters are
