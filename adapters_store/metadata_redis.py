@@ -21,6 +21,7 @@ from adapters_store.records import AdapterMeta, SnapshotRef, VersionRecord
 # {2, head} head mismatch (commit) or version above head (snapshot, pin).
 _OK, _NO_ADAPTER, _BAD_HEAD = 0, 1, 2
 _ALREADY_EXISTS = 1
+_MAX_FIELDS_PER_CALL = 10_000
 
 # KEYS: index, meta, snapshots. ARGV: name, base_model, rank, alpha, modules, created_at, snapshot json.
 _CREATE = """
@@ -109,9 +110,12 @@ class RedisMetadata:
     async def get_records(self, name: str, first: int, last: int) -> list[VersionRecord]:
         if last < first:
             return []
-        versions = list(range(first, last + 1))
-        raws = await self._redis.hmget(self.keys.records(name), versions)
-        return [decode_record(raw) for raw in raws if raw is not None]
+        records = []
+        for start in range(first, last + 1, _MAX_FIELDS_PER_CALL):  # bounded replies for long histories
+            versions = list(range(start, min(last, start + _MAX_FIELDS_PER_CALL - 1) + 1))
+            raws = await self._redis.hmget(self.keys.records(name), versions)
+            records += [decode_record(raw) for raw in raws if raw is not None]
+        return records
 
     async def _add_at_or_below_head(self, name: str, key: str, version: int, value: str) -> None:
         result = await self._add(keys=[self.keys.meta(name), key], args=[version, value])

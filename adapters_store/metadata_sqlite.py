@@ -63,10 +63,11 @@ class SqliteMetadata:
         self._conn.execute("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlocks
         try:
             yield self._conn
+            self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            if self._conn.in_transaction:  # never leave the shared connection inside a transaction
+                self._conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
 
     def _head(self, conn: sqlite3.Connection, name: str) -> int:
         row = conn.execute("SELECT head FROM adapters WHERE name = ?", (name,)).fetchone()

@@ -30,7 +30,7 @@ from adapters_store.records import (
     validate_name,
     validate_version,
 )
-from adapters_store.retention import MissingRecord, ReplayPlan, plan_replay, snapshots_to_drop, unreferenced_blobs
+from adapters_store.retention import ReplayPlan, plan_replay, snapshots_to_drop, unreferenced_blobs
 from adapters_store.snapshots import decode_state, encode_state
 
 # apply_record(theta, optimizer_state, record): redo one UPDATE record in place on fp32 CPU tensors.
