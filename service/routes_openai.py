@@ -53,12 +53,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> JSONRe
     created = int(time.time())
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
 
-    async def chunks(stack: AsyncExitStack) -> AsyncIterator[GenerationChunk]:
+    async def chunks(stack: AsyncExitStack) -> AsyncIterator[tuple[GenerationChunk, str]]:
+        """Generation chunks with the fingerprint of the one adapter version that produced all of them."""
         async with stack:
-            slot, salt = None, "base"
+            slot, salt, fingerprint = None, "base", f"zoserve:{body.model}"
             if body.model != settings.served_model_name:
                 lease = await stack.enter_async_context(runtime.lease(body.model))
                 slot, salt = lease.slot, lease.cache_salt
+                fingerprint = f"zoserve:{lease.adapter}@{lease.version}"
             async for chunk in runtime.binding.generate(
                 prompt_ids,
                 max_tokens=body.max_tokens,
@@ -70,11 +72,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> JSONRe
                 salt=salt,
                 request_id=completion_id,
             ):
-                yield chunk
+                yield chunk, fingerprint
 
     if not body.stream:
-        final = None
-        async for final in chunks(AsyncExitStack()):
+        final, fingerprint = None, ""
+        async for final, fingerprint in chunks(AsyncExitStack()):
             pass
         return JSONResponse(
             {
@@ -82,6 +84,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> JSONRe
                 "object": "text_completion",
                 "created": created,
                 "model": body.model,
+                "system_fingerprint": fingerprint,
                 "choices": [{"index": 0, "text": final.text, "finish_reason": final.finish_reason, "logprobs": None}],
                 "usage": {
                     "prompt_tokens": final.num_prompt_tokens,
@@ -93,13 +96,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> JSONRe
 
     async def sse() -> AsyncIterator[str]:
         sent = ""
-        async for chunk in chunks(AsyncExitStack()):
+        async for chunk, fingerprint in chunks(AsyncExitStack()):
             delta, sent = chunk.text[len(sent) :], chunk.text
             event = {
                 "id": completion_id,
                 "object": "text_completion",
                 "created": created,
                 "model": body.model,
+                "system_fingerprint": fingerprint,
                 "choices": [
                     {"index": 0, "text": delta, "finish_reason": chunk.finish_reason if chunk.finished else None, "logprobs": None}
                 ],
