@@ -1,7 +1,9 @@
-"""The composition root: settings → model → engine binding → runtime → FastAPI app."""
+"""The composition root: settings → model → engine binding → store → runtime → FastAPI app."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -10,11 +12,18 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from adapters_store import open_store
 from scheduler.engine.binding import EngineBinding
 from scheduler.engine.config import EngineConfig
 from scheduler.runtime import Runtime
-from service import routes_jobs, routes_openai
+from service import telemetry
+from service.adapters.router import router as adapters_router
+from service.auth import HealthAccess
 from service.errors import install_error_handlers
+from service.files.router import router as files_router
+from service.files.store import FileStore
+from service.inference.router import router as inference_router
+from service.jobs.router import router as jobs_router
 from service.settings import Settings
 
 log = logging.getLogger("zoserve")
@@ -47,17 +56,27 @@ def create_app(settings: Settings | None = None, binding: EngineBinding | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         owned = binding is None
-        engine = binding or await EngineBinding.start(engine_config(settings), Path(settings.data_dir) / "engine")
-        runtime = Runtime(engine)
+        data_dir = Path(settings.data_dir)
+        engine = binding or await EngineBinding.start(engine_config(settings), data_dir / "engine")
+        store = open_store(settings.redis_url, settings.store_dir, snapshot_every=settings.snapshot_every)
+        runtime = Runtime(engine, store, data_dir / "journal", observer=telemetry.MetricsObserver(app.state.metrics))
         app.state.runtime = runtime
-        app.state.ready = True
-        if not settings.admin_api_keys and not settings.inference_api_keys:
+        if settings.is_open:
             log.warning("No API keys configured: the control and data planes are OPEN to anyone who can connect.")
+        refresher = None
         try:
+            await runtime.start()  # resumes the jobs a previous process left active
+            refresher = asyncio.create_task(telemetry.refresh_forever(app.state, settings.metrics_refresh_s))
+            app.state.ready = True
             yield
         finally:
             app.state.ready = False
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
             await runtime.shutdown()
+            await store.close()
             if owned:
                 engine.shutdown()
 
@@ -65,17 +84,22 @@ def create_app(settings: Settings | None = None, binding: EngineBinding | None =
     app.state.settings = settings
     app.state.started_at = time.time()
     app.state.ready = False
+    app.state.files = FileStore(settings.files_dir)
+    # A one-element list so generation code can count in place without reaching back into app.state.
+    app.state.inflight_generations = [0]
     install_error_handlers(app)
-    app.include_router(routes_jobs.router)
-    app.include_router(routes_openai.router)
+    for router in (jobs_router, files_router, adapters_router, inference_router, telemetry.router):
+        app.include_router(router)
 
     @app.get("/healthz")
-    async def healthz() -> dict:
+    async def healthz(_: HealthAccess) -> dict:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    async def readyz() -> JSONResponse:
+    async def readyz(_: HealthAccess) -> JSONResponse:
         ready = bool(getattr(app.state, "ready", False))
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
+    app.state.metrics = telemetry.new_metrics([route.path for route in app.routes])
+    app.add_middleware(telemetry.HttpMetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _string_list(value: object) -> object:
+    """Lists from the environment: a JSON list (`'["k1","k2"]'`) or comma-separated (`k1,k2`)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+StringList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -20,10 +35,45 @@ class Settings(BaseSettings):
     dtype: str = "float32"
     num_slots: int = Field(8, ge=2, le=64)
     max_lora_rank: int = Field(8, ge=1, le=256)
-    target_modules: list[str] = ["q_proj", "v_proj"]
+    target_modules: StringList = ["q_proj", "v_proj"]
     kv_cache_gib: float = 1.0
     max_model_len: int = 512
     data_dir: Path = Path(".zoserve")
     redis_url: str | None = None
-    admin_api_keys: list[str] = []
-    inference_api_keys: list[str] = []
+    # Full adapter snapshot every N committed versions (replay covers the ones between).
+    snapshot_every: int = Field(50, ge=1)
+
+    # --- auth: a key in admin_api_keys opens the control plane, one in inference_api_keys the data plane.
+    # With both empty the service is open (and says so at start-up).
+    admin_api_keys: StringList = []
+    inference_api_keys: StringList = []
+    # Probes and scrapers usually carry no key; set these false to require the admin key there too.
+    open_health: bool = True
+    open_metrics: bool = True
+
+    # --- limits
+    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    max_inline_examples: int = Field(100_000, ge=1)
+    # How often the runtime's state (jobs, slots, queues) is copied into the Prometheus gauges.
+    metrics_refresh_s: float = Field(1.0, gt=0)
+
+    @field_validator("admin_api_keys", "inference_api_keys", "target_modules", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return _string_list(value)
+
+    @property
+    def is_open(self) -> bool:
+        return not self.admin_api_keys and not self.inference_api_keys
+
+    @property
+    def files_dir(self) -> Path:
+        return Path(self.data_dir) / "files"
+
+    @property
+    def store_dir(self) -> Path:
+        return Path(self.data_dir) / "store"
+
+    @property
+    def exports_dir(self) -> Path:
+        return Path(self.data_dir) / "exports"

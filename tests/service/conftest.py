@@ -1,41 +1,45 @@
-"""The service over real HTTP on the session's engine (one engine per test session)."""
+"""The service over real HTTP on the session's engine (one engine per test session).
+
+Each test module gets its own app (own runtime, store and data dir) on the shared engine binding, so a
+module's jobs and adapters never leak into another's slot budget.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import socket
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 
-from service.app import create_app
-from service.settings import Settings
+from service_harness import ADMIN_KEY, INFERENCE_KEY, ROOT_KEY, client_for, running_service, service_settings
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-async def service_url(engine, tmp_path_factory):
-    settings = Settings(data_dir=tmp_path_factory.mktemp("service"))
-    app = create_app(settings, binding=engine)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
+@pytest.fixture(scope="module")
+async def service_url(engine, tmp_path_factory) -> AsyncIterator[str]:
+    async with running_service(service_settings(tmp_path_factory.mktemp("service")), engine) as url:
+        yield url
 
 
 @pytest.fixture
-async def client(service_url):
-    async with httpx.AsyncClient(base_url=service_url, timeout=120) as http:
+async def client(service_url) -> AsyncIterator[httpx.AsyncClient]:
+    """Both planes (root key)."""
+    async with client_for(service_url, ROOT_KEY) as http:
+        yield http
+
+
+@pytest.fixture
+async def admin(service_url) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(service_url, ADMIN_KEY) as http:
+        yield http
+
+
+@pytest.fixture
+async def user(service_url) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(service_url, INFERENCE_KEY) as http:
+        yield http
+
+
+@pytest.fixture
+async def anonymous(service_url) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(service_url, None) as http:
         yield http

@@ -4,29 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from scheduler.datasets import load_sst2
-
-
-def _job_body(adapter: str, max_steps: int) -> dict:
-    examples = [{"text": ex.text, "label": ex.label} for ex in load_sst2("train", limit=64)]
-    return {
-        "adapter": adapter,
-        "hyperparameters": {"learning_rate": 1e-3, "eps": 1e-2, "num_directions": 1, "batch_size": 4, "max_steps": max_steps},
-        "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "training_data": examples,
-        "seed": 3,
-    }
-
-
-async def _wait_for(client, job_id: str, predicate, timeout_s: float = 300.0) -> dict:
-    async def poll() -> dict:
-        while True:
-            job = (await client.get(f"/v1/jobs/{job_id}")).json()
-            if predicate(job):
-                return job
-            await asyncio.sleep(0.1)
-
-    return await asyncio.wait_for(poll(), timeout_s)
+from service_harness import job_body as _job_body
+from service_harness import wait_for_job as _wait_for
 
 
 async def test_completions_served_while_job_trains(client):
