@@ -22,7 +22,7 @@ from scheduler.scoring import ScoringSequence, SequenceScores
 from scheduler.zo import mezo
 from scheduler.zo.directions import derive_seeds, stream_directions
 from scheduler.zo.lora_layout import LoraLayout
-from scheduler.zo_step import StepOutcome
+from scheduler.engine_step import StepOutcome
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -127,14 +127,16 @@ class BaselineMezoTrainer:
         coeffs = mezo.update_coefficients(grads)
         mezo.apply_update(self.theta, self.layout, seeds, coeffs, hyper.lr, hyper.weight_decay)
         q = hyper.num_directions
+        losses = tuple(x for pair in zip(losses_plus, losses_minus) for x in pair)  # engine probe order
         return StepOutcome(
             step=step,
             seeds=tuple(seeds),
             batch=tuple(batch),
-            losses_plus=tuple(losses_plus),
-            losses_minus=tuple(losses_minus),
+            losses=losses,
+            loss=sum(losses) / len(losses),
             projected_grads=tuple(grads),
             coeffs=tuple(coeffs),
+            lr=hyper.lr,
             num_sequences=2 * q * len(sequences),
             num_tokens=2 * q * sum(len(s.token_ids) for s in sequences),
             duration_s=time.perf_counter() - started,

@@ -29,12 +29,72 @@ class JobSpec:
     adapter: str
     examples: tuple[LabelledText, ...] | tuple[PromptCompletion, ...]
     objective: ClassificationObjective | CompletionObjective
-    hyper: MezoHyper = field(default_factory=MezoHyper)
+    hyper: MezoHyper = field(default_factory=MezoHyper)  # lr, eps, q, weight decay (all methods)
     lora: LoraShape = LoraShape(8, 16.0, ("q_proj", "v_proj"))
     batch_size: int = 16
     max_steps: int = 100
     seed: int = 0
-    weight: float = 1.0
+    weight: float = 1.0  # fair-share weight against other jobs
+    method: str = "mezo"  # a name in scheduler.zo.methods.REGISTRY
+    method_params: tuple[tuple[str, float], ...] = ()  # method-specific hyper-parameters (momentum, ν, rank…)
+    eval_examples: tuple[LabelledText, ...] | tuple[PromptCompletion, ...] = ()
+    eval_every: int = 0  # steps between evaluations on eval_examples (0: only at the end, if any)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    seq: int  # 1, 2, … per job
+    time: float
+    kind: str  # "status" | "metrics" | "eval" | "error"
+    status: JobStatus
+    message: str
+    step: int
+
+
+@dataclass(frozen=True)
+class StepMetric:
+    step: int  # steps done (= the version the step produced, for a job that started at version 0)
+    version: int
+    loss: float
+    projected_grad_norm: float
+    duration_s: float
+    time: float
+    num_sequences: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class EvalMetric:
+    step: int
+    version: int
+    loss: float
+    accuracy: float | None
+    time: float
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    name: str
+    base_model: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    head_version: int
+    served_version: int | None
+    active_job_id: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class VersionView:
+    version: int
+    parent: int | None
+    step: int
+    kind: str  # "initial" | "update" | "rollback"
+    optimizer: str
+    created_at: float
+    has_snapshot: bool
+    pinned: bool
 
 
 @dataclass(frozen=True)

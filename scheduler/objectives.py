@@ -76,6 +76,9 @@ class EncodedClassification:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def extended(self, more: "EncodedClassification") -> "EncodedClassification":
+        return EncodedClassification(self.contexts + more.contexts, self.labels + more.labels, self.option_ids)
+
     @property
     def single_token_options(self) -> bool:
         return all(len(o) == 1 for o in self.option_ids)
@@ -124,6 +127,9 @@ class EncodedCompletion:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def extended(self, more: "EncodedCompletion") -> "EncodedCompletion":
+        return EncodedCompletion(self.pairs + more.pairs)
 
     def sequences(self, indices: Sequence[int]) -> list[ScoringSequence]:
         return [ScoringSequence(self.pairs[i][0] + self.pairs[i][1], target_start=len(self.pairs[i][0])) for i in indices]

@@ -1,8 +1,8 @@
-"""The runtime: job lifecycle, slot assignment and the step loop over one engine binding.
+"""The runtime facade: jobs (create, pause, resume, cancel, events, metrics), adapters and serving leases.
 
-Each running job is one asyncio task that runs MeZO steps back to back; the engine batches the probe
-sequences of all running jobs together (and next to user requests, which carry a better priority).
-After each step the adapter's new version is published to its serving double buffer.
+One asyncio task per active job runs its steps back to back (`scheduler.job_runner`); the engine batches the
+probe sequences of all jobs together, next to user requests that carry a better priority. The adapter store
+holds every version; the job journal lets a restarted runtime resume the jobs that were active.
 """
 
 from __future__ import annotations
@@ -11,256 +11,242 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
+from adapters_store import AdapterNotFound, AdapterStore, RecordKind, parse_address
+from scheduler.adapter_host import AdapterHost, SlotPool
 from scheduler.engine.binding import EngineBinding
-from scheduler.errors import AdapterBusy, InvalidJobSpec, JobNotFound, NoCapacity
-from scheduler.jobs import JobSpec, JobStatus, JobView
-from scheduler.objectives import ClassificationObjective, EncodedDataset
-from scheduler.serving import ServingLease, ServingTable
-from scheduler.zo.lora_layout import LoraLayout, initial_state, layout_for_model_dir
-from scheduler.zo_step import ProbeSlots, StepOutcome, run_mezo_step
+from scheduler.errors import AdapterBusy, InvalidJobSpec, JobNotFound
+from scheduler.job_journal import JobJournal
+from scheduler.job_runner import JobRun, method_hyper, probe_slots_needed, run_job
+from scheduler.jobs import AdapterView, EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric, VersionView
+from scheduler.objectives import ClassificationObjective, LabelledText, PromptCompletion
+from scheduler.serving import ServingLease
+from scheduler.zo.methods import REGISTRY
 
 log = logging.getLogger(__name__)
 
 
-class SlotPool:
-    def __init__(self, slot_ids: tuple[int, ...]):
-        self._free = list(slot_ids)
-        self.num_slots = len(slot_ids)
-        self._released = asyncio.Event()
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def take(self, count: int) -> tuple[int, ...] | None:
-        if count > len(self._free):
-            return None
-        taken, self._free = tuple(self._free[:count]), self._free[count:]
-        return taken
-
-    def give_back(self, slots: tuple[int, ...]) -> None:
-        self._free.extend(slots)
-        self._released.set()
-
-    async def wait_release(self) -> None:
-        self._released.clear()
-        await self._released.wait()
+class RuntimeObserver(Protocol):
+    def on_step(self, adapter: str, metric: StepMetric) -> None: ...
+    def on_eval(self, adapter: str, metric: EvalMetric) -> None: ...
+    def on_commit(self, adapter: str, version: int) -> None: ...
+    def on_job_status(self, job_id: str, adapter: str, status: JobStatus) -> None: ...
 
 
-@dataclass
-class _Adapter:
-    name: str
-    layout: LoraLayout
-    version: int = 0
-
-
-@dataclass
-class _Job:
-    id: str
-    spec: JobSpec
-    data: EncodedDataset | None = None
-    status: JobStatus = JobStatus.VALIDATING
-    step: int = 0
-    last_loss: float | None = None
-    error: str | None = None
-    created_at: float = field(default_factory=time.time)
-    history: list[StepOutcome] = field(default_factory=list)
-    resume: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task | None = None
-
-    def view(self, version: int) -> JobView:
-        recent = self.history[-20:]
-        busy_s = sum(o.duration_s for o in recent)
-        return JobView(
-            self.id,
-            self.spec.adapter,
-            self.status,
-            self.step,
-            self.spec.max_steps,
-            version,
-            self.last_loss,
-            self.error,
-            self.created_at,
-            len(recent) / busy_s if busy_s > 0 else None,
-        )
+class NullObserver:
+    def on_step(self, adapter: str, metric: StepMetric) -> None: ...
+    def on_eval(self, adapter: str, metric: EvalMetric) -> None: ...
+    def on_commit(self, adapter: str, version: int) -> None: ...
+    def on_job_status(self, job_id: str, adapter: str, status: JobStatus) -> None: ...
 
 
 class Runtime:
-    def __init__(self, binding: EngineBinding):
+    def __init__(
+        self,
+        binding: EngineBinding,
+        store: AdapterStore,
+        journal_dir: Path,
+        *,
+        observer: RuntimeObserver | None = None,
+    ):
         self.binding = binding
-        self.serving = ServingTable()
+        self.store = store
+        self.observer = observer or NullObserver()
         self.slots = SlotPool(binding.slot_ids)
-        self._adapters: dict[str, _Adapter] = {}
-        self._jobs: dict[str, _Job] = {}
+        self.host = AdapterHost(binding, store, self.slots)
+        self.journal = JobJournal(journal_dir)
+        self._jobs: dict[str, JobRun] = {}
 
-    # ----------------------------------------------------------------- queries
-    def job(self, job_id: str) -> JobView:
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        return job.view(self._adapter_version(job.spec.adapter))
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Resume the jobs a previous runtime left active, each from its adapter's head."""
+        for job_id, spec, progress in self.journal.load_all():
+            run = JobRun(job_id, spec, progress.created_at, start_version=progress.start_version)
+            run.step, run.last_loss, run.error, run.status = progress.step, progress.last_loss, progress.error, progress.status
+            self._jobs[job_id] = run
+            if progress.status.is_final:
+                continue
+            paused = progress.status is JobStatus.PAUSED
+            run.resume_requested = not paused
+            run.event("status", f"resumed after restart at step {progress.step}")
+            self._launch(run)
 
-    def jobs(self) -> list[JobView]:
-        return [j.view(self._adapter_version(j.spec.adapter)) for j in self._jobs.values()]
+    async def shutdown(self) -> None:
+        """Stop job tasks without marking them cancelled, so a restart resumes them."""
+        tasks = [run.task for run in self._jobs.values() if run.task is not None and not run.task.done()]
+        for run in self._jobs.values():
+            run.stopping_for_shutdown = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-    def job_history(self, job_id: str) -> list[StepOutcome]:
-        if job_id not in self._jobs:
-            raise JobNotFound(job_id)
-        return list(self._jobs[job_id].history)
-
-    def served_adapters(self) -> list[str]:
-        return self.serving.adapters()
-
-    def _adapter_version(self, name: str) -> int:
-        adapter = self._adapters.get(name)
-        return adapter.version if adapter else 0
+    def _launch(self, run: JobRun) -> None:
+        run.task = asyncio.create_task(run_job(self, run), name=f"zo-job-{run.id}")
 
     # ----------------------------------------------------------------- jobs
     def _validate(self, spec: JobSpec) -> None:
         config = self.binding.config
+        method_hyper(spec)
+        if spec.method not in REGISTRY:
+            raise InvalidJobSpec("method", f"{spec.method!r} is not one of {sorted(REGISTRY)}")
         if spec.lora.rank > config.max_lora_rank:
             raise InvalidJobSpec("lora.rank", f"must be <= the engine's max_lora_rank {config.max_lora_rank}")
         unknown = set(spec.lora.target_modules) - set(config.target_modules)
         if unknown:
             raise InvalidJobSpec("lora.target_modules", f"{sorted(unknown)} not enabled in the engine {list(config.target_modules)}")
-        needed = 2 * spec.hyper.num_directions + (0 if spec.adapter in self._adapters else 2)
+        needed = probe_slots_needed(spec) + 2
         if needed > self.slots.num_slots:
-            raise InvalidJobSpec("hyper.num_directions", f"needs {needed} LoRA slots, the engine has {self.slots.num_slots}")
+            raise InvalidJobSpec(
+                "hyperparameters.num_directions", f"needs {needed} LoRA slots, the engine has {self.slots.num_slots}"
+            )
         if not spec.examples:
             raise InvalidJobSpec("training_data", "no examples")
-        adapter = self._adapters.get(spec.adapter)
-        if adapter is not None and adapter.layout.shape != spec.lora:
-            raise InvalidJobSpec("lora", f"adapter {spec.adapter!r} exists with shape {adapter.layout.shape}")
-        if any(j.spec.adapter == spec.adapter and not j.status.is_final for j in self._jobs.values()):
+        if spec.batch_size < 1 or spec.max_steps < 1:
+            raise InvalidJobSpec("hyperparameters.batch_size", "batch_size and max_steps must be >= 1")
+        classification = isinstance(spec.objective, ClassificationObjective)
+        example_type = LabelledText if classification else PromptCompletion
+        for field_name, examples in (("training_data", spec.examples), ("validation_data", spec.eval_examples)):
+            if any(not isinstance(e, example_type) for e in examples):
+                raise InvalidJobSpec(field_name, f"rows must be {example_type.__name__} for this objective")
+            if classification and any(not 0 <= e.label < len(spec.objective.options) for e in examples):
+                raise InvalidJobSpec(f"{field_name}.label", f"labels must be in [0, {len(spec.objective.options)})")
+        if any(r.spec.adapter == spec.adapter and not r.status.is_final for r in self._jobs.values()):
             raise AdapterBusy(f"adapter {spec.adapter!r} already has an active job")
 
     async def create_job(self, spec: JobSpec) -> JobView:
         self._validate(spec)
-        if isinstance(spec.objective, ClassificationObjective):
-            num_classes = len(spec.objective.options)
-            if any(not 0 <= ex.label < num_classes for ex in spec.examples):
-                raise InvalidJobSpec("training_data.label", f"labels must be in [0, {num_classes})")
-        job = _Job(f"job-{uuid.uuid4().hex[:12]}", spec)
-        self._jobs[job.id] = job
-        job.data = await asyncio.to_thread(
-            spec.objective.encode, self.binding.tokenizer, spec.examples, self.binding.config.max_model_len
-        )
-        job.status = JobStatus.QUEUED
-        job.resume.set()
-        job.task = asyncio.create_task(self._run_job(job), name=f"zo-job-{job.id}")
-        return self.job(job.id)
+        try:
+            meta = await self.store.get_adapter(spec.adapter)
+            if (meta.rank, meta.alpha, tuple(sorted(meta.target_modules))) != (
+                spec.lora.rank, spec.lora.alpha, tuple(sorted(spec.lora.target_modules))
+            ):
+                raise InvalidJobSpec("lora", f"adapter {spec.adapter!r} exists with rank {meta.rank}, alpha {meta.alpha}, targets {list(meta.target_modules)}")
+        except AdapterNotFound:
+            pass
+        run = JobRun(f"job-{uuid.uuid4().hex[:12]}", spec, time.time())
+        self._jobs[run.id] = run
+        run.event("status", "validating")
+        await asyncio.to_thread(self.journal.save_spec, run.id, spec)
+        run.set_status(JobStatus.QUEUED, self)
+        self._launch(run)
+        return self.job(run.id)
+
+    def _get(self, job_id: str) -> JobRun:
+        run = self._jobs.get(job_id)
+        if run is None:
+            raise JobNotFound(job_id)
+        return run
+
+    def job(self, job_id: str) -> JobView:
+        return self._get(job_id).view(self._head_version(self._get(job_id).spec.adapter))
+
+    def jobs(self, offset: int = 0, limit: int = 100) -> list[JobView]:
+        runs = sorted(self._jobs.values(), key=lambda r: r.created_at)[offset : offset + limit]
+        return [r.view(self._head_version(r.spec.adapter)) for r in runs]
+
+    def job_counts(self) -> dict[JobStatus, int]:
+        counts = {status: 0 for status in JobStatus}
+        for run in self._jobs.values():
+            counts[run.status] += 1
+        return counts
+
+    def _head_version(self, adapter: str) -> int:
+        loaded = self.host.loaded.get(adapter)
+        return loaded.head if loaded else 0
+
+    def job_events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
+        return [e for e in self._get(job_id).events if e.seq > after_seq]
+
+    def job_metrics(self, job_id: str) -> tuple[list[StepMetric], list[EvalMetric]]:
+        run = self._get(job_id)
+        return list(run.step_metrics), list(run.eval_metrics)
+
+    def job_history(self, job_id: str):
+        return list(self._get(job_id).outcomes)
 
     def pause(self, job_id: str) -> JobView:
-        job = self._get(job_id)
-        if job.status in (JobStatus.RUNNING, JobStatus.QUEUED):
-            job.resume.clear()
-            job.status = JobStatus.PAUSED
+        run = self._get(job_id)
+        if run.status in (JobStatus.RUNNING, JobStatus.QUEUED):
+            run.resume_requested = False
+            run.resume.clear()
+            run.set_status(JobStatus.PAUSED, self)
         return self.job(job_id)
 
     def resume(self, job_id: str) -> JobView:
-        job = self._get(job_id)
-        if job.status is JobStatus.PAUSED:
-            job.status = JobStatus.RUNNING
-            job.resume.set()
+        run = self._get(job_id)
+        if run.status is JobStatus.PAUSED:
+            run.resume_requested = True
+            run.resume.set()
+            run.set_status(JobStatus.RUNNING if run.started else JobStatus.QUEUED, self)
         return self.job(job_id)
 
     async def cancel(self, job_id: str) -> JobView:
-        job = self._get(job_id)
-        if not job.status.is_final and job.task is not None:
-            job.task.cancel()
-            await asyncio.gather(job.task, return_exceptions=True)
+        run = self._get(job_id)
+        if not run.status.is_final and run.task is not None:
+            run.task.cancel()
+            await asyncio.gather(run.task, return_exceptions=True)
         return self.job(job_id)
 
-    def _get(self, job_id: str) -> _Job:
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        return job
+    async def append_examples(self, adapter: str, examples: Sequence[LabelledText | PromptCompletion]) -> int:
+        """Add examples to the stream the adapter's active job samples from; returns the stream's size."""
+        run = next((r for r in self._jobs.values() if r.spec.adapter == adapter and not r.status.is_final), None)
+        if run is None:
+            raise JobNotFound(f"adapter {adapter!r} has no active job to feed")
+        return await run.append_examples(self, examples)
 
-    async def _ensure_adapter(self, spec: JobSpec) -> _Adapter:
-        adapter = self._adapters.get(spec.adapter)
-        if adapter is not None:
-            return adapter
-        buffers = self.slots.take(2)
-        if buffers is None:
-            raise NoCapacity("no free LoRA slots for the adapter's serving buffers")
-        layout = await asyncio.to_thread(layout_for_model_dir, self.binding.config.model, spec.lora)
-        await self.binding.set_state(spec.adapter, layout, initial_state(layout, spec.seed))
-        adapter = _Adapter(spec.adapter, layout)
-        self._adapters[spec.adapter] = adapter
-        self.serving.register(spec.adapter, buffers)
-        await self._publish(adapter)
-        return adapter
+    # ----------------------------------------------------------------- adapters
+    async def _adapter_view(self, name: str) -> AdapterView:
+        meta = await self.store.get_adapter(name)
+        active = next((r.id for r in self._jobs.values() if r.spec.adapter == name and not r.status.is_final), None)
+        served = self.host.serving.live_version(name) if self.host.serving.is_registered(name) else None
+        return AdapterView(
+            meta.name, meta.base_model, meta.rank, meta.alpha, tuple(meta.target_modules), meta.head, served,
+            active, meta.created_at,
+        )
 
-    async def _publish(self, adapter: _Adapter) -> bool:
-        slot = self.serving.publish_target(adapter.name)
-        if slot is None:
-            return False
-        await self.binding.write_state(adapter.name, slot)
-        self.serving.mark_published(adapter.name, slot, adapter.version)
-        return True
+    async def adapters(self) -> list[AdapterView]:
+        return [await self._adapter_view(name) for name in sorted(await self.store.list_adapters())]
 
-    async def _run_job(self, job: _Job) -> None:
-        spec = job.spec
-        probe_slots: tuple[int, ...] | None = None
-        try:
-            adapter = await self._ensure_adapter(spec)
-            q = spec.hyper.num_directions
-            while (probe_slots := self.slots.take(2 * q)) is None:
-                await self.slots.wait_release()
-            slots = ProbeSlots(probe_slots[:q], probe_slots[q:])
-            while job.step < spec.max_steps:
-                await job.resume.wait()
-                job.status = JobStatus.RUNNING
-                outcome = await run_mezo_step(
-                    self.binding,
-                    adapter.name,
-                    job.data,
-                    spec.hyper,
-                    job_seed=spec.seed,
-                    step=job.step,
-                    batch_size=spec.batch_size,
-                    slots=slots,
-                    salt=f"probe:{adapter.name}@{adapter.version}",
-                )
-                adapter.version += 1
-                job.step += 1
-                job.last_loss = outcome.loss
-                job.history.append(outcome)
-                await self._publish(adapter)
-            await self._publish_when_idle(adapter)
-            job.status = JobStatus.SUCCEEDED
-        except asyncio.CancelledError:
-            job.status = JobStatus.CANCELLED
-        except Exception as exc:  # the step loop of other jobs must survive one job's failure
-            log.exception("job %s failed", job.id)
-            job.status = JobStatus.FAILED
-            job.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            if probe_slots is not None:
-                self.slots.give_back(probe_slots)
+    async def adapter(self, name: str) -> AdapterView:
+        return await self._adapter_view(name)
 
-    async def _publish_when_idle(self, adapter: _Adapter, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.serving.live_version(adapter.name) != adapter.version and time.monotonic() < deadline:
-            if not await self._publish(adapter):
-                await asyncio.sleep(0.01)
+    async def adapter_versions(self, name: str, offset: int = 0, limit: int = 100) -> list[VersionView]:
+        meta = await self.store.get_adapter(name)
+        snapshots = {s.version for s in await self.store.metadata.list_snapshots(name)}
+        pins = set(await self.store.list_pins(name))
+        first = max(1, offset)
+        last = min(meta.head, offset + limit - 1)
+        views = []
+        if offset == 0:
+            views.append(VersionView(0, None, 0, "initial", "", meta.created_at, 0 in snapshots, 0 in pins))
+        if last >= first:
+            for r in await self.store.list_records(name, first, last):
+                kind = "rollback" if r.kind == RecordKind.ROLLBACK else "update"
+                views.append(VersionView(r.version, r.parent, r.step, kind, r.optimizer, r.created_at, r.version in snapshots, r.version in pins))
+        return views
+
+    async def rollback(self, name: str, version: int) -> AdapterView:
+        await self.host.rollback(name, version)
+        return await self._adapter_view(name)
+
+    async def export_adapter(self, name: str, version: int | str | None, out_dir: Path) -> Path:
+        return await self.host.export(name, version, out_dir)
 
     # ----------------------------------------------------------------- serving
-    @asynccontextmanager
-    async def lease(self, adapter: str) -> AsyncIterator[ServingLease]:
-        lease = self.serving.acquire(adapter)
-        try:
-            yield lease
-        finally:
-            self.serving.release(lease)
+    async def served_models(self) -> list[str]:
+        return sorted(await self.store.list_adapters())
 
-    async def shutdown(self) -> None:
-        for job in self._jobs.values():
-            if job.task is not None and not job.task.done():
-                job.task.cancel()
-        await asyncio.gather(*(j.task for j in self._jobs.values() if j.task is not None), return_exceptions=True)
+    def served_adapters(self) -> list[str]:
+        """Adapters currently loaded in serving slots."""
+        return self.host.serving.adapters()
+
+    @asynccontextmanager
+    async def lease(self, model: str) -> AsyncIterator[ServingLease]:
+        """A slot for `name` (its latest published version) or `name@version` (exactly that version)."""
+        name, version = parse_address(model)
+        async with self.host.lease(name, version) as lease:
+            yield lease

@@ -7,6 +7,7 @@ one version from its first to its last token, and its cache salt names that vers
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from scheduler.errors import AdapterNotServed
@@ -17,15 +18,19 @@ class ServingLease:
     adapter: str
     slot: int
     version: int
+    incarnation: str = ""  # distinguishes a re-created adapter whose version numbers restarted
 
     @property
     def cache_salt(self) -> str:
-        return f"adapter:{self.adapter}@{self.version}"
+        """Names the state the slot holds, so prefix-cache KV is shared only between identical states."""
+        return f"adapter:{self.adapter}:{self.incarnation}@{self.version}"
 
 
 @dataclass
 class _DoubleBuffer:
     slots: tuple[int, int]
+    incarnation: str = ""
+    released: asyncio.Event = field(default_factory=asyncio.Event)
     versions: list[int | None] = field(default_factory=lambda: [None, None])
     inflight: list[int] = field(default_factory=lambda: [0, 0])
     live: int | None = None  # index into slots
@@ -35,8 +40,16 @@ class ServingTable:
     def __init__(self) -> None:
         self._buffers: dict[str, _DoubleBuffer] = {}
 
-    def register(self, adapter: str, slots: tuple[int, int]) -> None:
-        self._buffers[adapter] = _DoubleBuffer(slots)
+    def register(self, adapter: str, slots: tuple[int, int], incarnation: str = "") -> None:
+        self._buffers[adapter] = _DoubleBuffer(slots, incarnation)
+
+    def unregister(self, adapter: str) -> tuple[int, int]:
+        """Forget an adapter with no request in flight; returns its slots."""
+        buf = self._buffers[adapter]
+        if sum(buf.inflight):
+            raise ValueError(f"{adapter} has requests in flight")
+        del self._buffers[adapter]
+        return buf.slots
 
     def adapters(self) -> list[str]:
         return sorted(name for name, buf in self._buffers.items() if buf.live is not None)
@@ -53,11 +66,18 @@ class ServingTable:
         if buf is None or buf.live is None:
             raise AdapterNotServed(adapter)
         buf.inflight[buf.live] += 1
-        return ServingLease(adapter, buf.slots[buf.live], buf.versions[buf.live])
+        return ServingLease(adapter, buf.slots[buf.live], buf.versions[buf.live], buf.incarnation)
 
     def release(self, lease: ServingLease) -> None:
         buf = self._buffers[lease.adapter]
         buf.inflight[buf.slots.index(lease.slot)] -= 1
+        buf.released.set()
+
+    async def wait_release(self, adapter: str) -> None:
+        """Until some request on `adapter` finishes."""
+        buf = self._buffers[adapter]
+        buf.released.clear()
+        await buf.released.wait()
 
     def publish_target(self, adapter: str) -> int | None:
         """The idle buffer's slot, if a new version may be written into it now."""

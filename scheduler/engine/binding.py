@@ -161,11 +161,24 @@ class EngineBinding:
         results = await self._engine.collective_rpc(method, args=args)
         return results[0]
 
-    async def set_state(self, key: str, layout: LoraLayout, theta: dict[str, torch.Tensor]) -> None:
-        await self._rpc("zo_set_state", key, layout_to_wire(layout), tensors_to_wire(theta))
+    async def set_state(
+        self,
+        key: str,
+        layout: LoraLayout,
+        theta: dict[str, torch.Tensor],
+        method_wire: tuple | None = None,
+        buffers: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Register θ on the worker; with `method_wire` (name, hyper items) it can also be trained."""
+        await self._rpc(
+            "zo_set_state", key, layout_to_wire(layout), tensors_to_wire(theta), method_wire,
+            tensors_to_wire(buffers) if buffers else b"",
+        )
 
-    async def get_state(self, key: str) -> dict[str, torch.Tensor]:
-        return tensors_from_wire(await self._rpc("zo_get_state", key))
+    async def get_state(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(θ, optimiser buffers) of `key` as held on the worker."""
+        theta_wire, buffers_wire = await self._rpc("zo_get_state", key)
+        return tensors_from_wire(theta_wire), tensors_from_wire(buffers_wire) if buffers_wire else {}
 
     async def has_state(self, key: str) -> bool:
         return bool(await self._rpc("zo_has_state", key))
@@ -177,14 +190,12 @@ class EngineBinding:
         await self._rpc("zo_write_state", key, slot)
 
     async def write_probes(
-        self, key: str, seeds: Sequence[int], eps: float, plus_slots: Sequence[int], minus_slots: Sequence[int]
+        self, key: str, step: int, seeds: Sequence[int], probes_wire: tuple, slots: Sequence[int]
     ) -> None:
-        await self._rpc("zo_write_probes", key, list(seeds), float(eps), list(plus_slots), list(minus_slots))
+        await self._rpc("zo_write_probes", key, int(step), [int(s) for s in seeds], probes_wire, list(slots))
 
-    async def apply_mezo_update(
-        self, key: str, seeds: Sequence[int], coeffs: Sequence[float], lr: float, weight_decay: float
-    ) -> None:
-        await self._rpc("zo_apply_mezo_update", key, list(seeds), [float(c) for c in coeffs], float(lr), float(weight_decay))
+    async def apply_step(self, key: str, step: int, seeds: Sequence[int], coeffs: Sequence[float], lr: float) -> None:
+        await self._rpc("zo_apply_step", key, int(step), [int(s) for s in seeds], [float(c) for c in coeffs], float(lr))
 
     async def export_peft(self, key: str, out_dir: Path) -> Path:
         return Path(await self._rpc("zo_export_peft", key, str(out_dir), self.config.model))

@@ -21,8 +21,17 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
-from scheduler.zo import mezo
 from scheduler.zo.lora_layout import LoraLayout, LoraShape, TensorSpec
+from scheduler.zo.methods import build_method, parse_hyper
+from scheduler.zo.zo_step import (
+    StepRecord,
+    StepSeeds,
+    TrainState,
+    ZoMethod,
+    apply_record,
+    probe_values,
+    probes_from_wire,
+)
 
 try:  # bf16 on AMX CPUs needs the tile permission requested in every process that runs the kernels.
     torch._C._cpu._init_amx()
@@ -55,10 +64,21 @@ def layout_from_wire(wire: tuple) -> LoraLayout:
     )
 
 
+def method_from_wire(wire: tuple) -> ZoMethod:
+    """(method name, ((hyper name, value), …)) → the method; block scales and masks are not wired yet."""
+    name, items = wire
+    return build_method(name, parse_hyper(name, dict(items)))
+
+
 @dataclass
 class _MasterState:
     layout: LoraLayout
-    theta: dict[str, torch.Tensor]  # fp32, PEFT names
+    state: TrainState  # θ and optimiser buffers, fp32, PEFT names
+    method: ZoMethod | None  # None: a state that is served, not trained
+
+    @property
+    def theta(self) -> dict[str, torch.Tensor]:
+        return self.state.theta
 
 
 @dataclass(frozen=True)
@@ -124,16 +144,23 @@ class ZOWorkerExtension:
         for lora_id in lora_ids:
             self._zo_clear_slot(self._zo_slot_index(int(lora_id)))
 
-    def zo_set_state(self, key: str, layout_wire: tuple, theta_wire: bytes) -> int:
-        """Register (or replace) the master state θ of `key`. Returns its parameter count."""
+    def zo_set_state(
+        self, key: str, layout_wire: tuple, theta_wire: bytes, method_wire: tuple | None = None, buffers_wire: bytes | None = None
+    ) -> int:
+        """Register (or replace) the master state of `key`: θ, and for training the method and its buffers."""
         layout = layout_from_wire(layout_wire)
         theta = tensors_from_wire(theta_wire)
         missing = {t.name for t in layout.tensors} - set(theta)
         if missing:
             raise KeyError(f"state for {key} lacks tensors: {sorted(missing)[:3]}")
-        self._zo_states()[key] = _MasterState(
-            layout, {t.name: theta[t.name].detach().to(torch.float32).clone() for t in layout.tensors}
-        )
+        method = method_from_wire(method_wire) if method_wire is not None else None
+        buffers = tensors_from_wire(buffers_wire) if buffers_wire else {}
+        if method is not None:  # missing buffers start at init: the rule store replay applies too
+            for name, value in method.optimiser.init_buffers(layout).items():
+                buffers.setdefault(name, value)
+        theta = {t.name: theta[t.name].detach().to(torch.float32).clone() for t in layout.tensors}
+        buffers = {k: v.detach().to(torch.float32).clone() for k, v in buffers.items()}
+        self._zo_states()[key] = _MasterState(layout, TrainState(theta, buffers), method)
         return layout.num_params
 
     def zo_drop_state(self, key: str) -> bool:
@@ -142,8 +169,9 @@ class ZOWorkerExtension:
     def zo_has_state(self, key: str) -> bool:
         return key in self._zo_states()
 
-    def zo_get_state(self, key: str) -> bytes:
-        return tensors_to_wire(self._zo_states()[key].theta)
+    def zo_get_state(self, key: str) -> tuple[bytes, bytes]:
+        state = self._zo_states()[key].state
+        return tensors_to_wire(state.theta), tensors_to_wire(state.buffers) if state.buffers else b""
 
     def zo_write_state(self, key: str, lora_id: int) -> None:
         """Copy the master θ of `key` (no perturbation) into the slot of `lora_id`."""
@@ -156,29 +184,33 @@ class ZOWorkerExtension:
             self._zo_write_tensor(targets[spec.module], spec, slot, state.theta[spec.name], scaling)
 
     def zo_write_probes(
-        self, key: str, seeds: Sequence[int], eps: float, plus_ids: Sequence[int], minus_ids: Sequence[int]
+        self, key: str, step: int, seeds: Sequence[int], probes_wire: tuple, lora_ids: Sequence[int]
     ) -> None:
-        """Write θ + ε zᵢ into slot plus_ids[i] and θ − ε zᵢ into slot minus_ids[i], z from seeds[i]."""
-        state = self._zo_states()[key]
-        plus_slots = [self._zo_slot_index(int(i)) for i in plus_ids]
-        minus_slots = [self._zo_slot_index(int(i)) for i in minus_ids]
-        targets = self._zo_targets(state.layout)
-        scaling = state.layout.shape.scaling
-        specs = {t.name: t for t in state.layout.tensors}
-        for slot in plus_slots + minus_slots:
+        """Write probe j of this step (θ plus seeded directions, see `Probe`) into the slot of lora_ids[j]."""
+        master = self._zo_states()[key]
+        method = master.method
+        if method is None:
+            raise KeyError(f"{key} has no training method registered")
+        step_seeds = StepSeeds.from_tuple(int(step), seeds, method.num_directions)
+        probes = probes_from_wire(probes_wire)
+        slots = [self._zo_slot_index(int(i)) for i in lora_ids]
+        if len(slots) != len(probes):
+            raise ValueError(f"{len(probes)} probes for {len(slots)} slots")
+        targets = self._zo_targets(master.layout)
+        scaling = master.layout.shape.scaling
+        for slot in slots:
             self._zo_clear_slot(slot)
-        for name, plus, minus in mezo.probe_states(state.theta, state.layout, seeds, float(eps)):
-            spec = specs[name]
-            for slot, value in zip(plus_slots, plus, strict=True):
-                self._zo_write_tensor(targets[spec.module], spec, slot, value, scaling)
-            for slot, value in zip(minus_slots, minus, strict=True):
+        for spec, values in probe_values(master.theta, master.layout, method.perturbation, step_seeds, probes):
+            for slot, value in zip(slots, values, strict=True):
                 self._zo_write_tensor(targets[spec.module], spec, slot, value, scaling)
 
-    def zo_apply_mezo_update(
-        self, key: str, seeds: Sequence[int], coeffs: Sequence[float], lr: float, weight_decay: float
-    ) -> None:
-        state = self._zo_states()[key]
-        mezo.apply_update(state.theta, state.layout, seeds, coeffs, lr, weight_decay)
+    def zo_apply_step(self, key: str, step: int, seeds: Sequence[int], coeffs: Sequence[float], lr: float) -> None:
+        """θ (and buffers) ← the method's update from seeds and scalars: the same call store replay makes."""
+        master = self._zo_states()[key]
+        method = master.method
+        step_seeds = StepSeeds.from_tuple(int(step), seeds, method.num_directions)
+        record = StepRecord(step_seeds, (), tuple(float(c) for c in coeffs), float(lr))
+        apply_record(method, master.state, master.layout, record)
 
     def zo_export_peft(self, key: str, out_dir: str, base_model: str = "") -> str:
         state = self._zo_states()[key]

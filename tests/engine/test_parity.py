@@ -10,8 +10,9 @@ from scheduler.engine.binding import EngineBinding
 from scheduler.engine.config import EngineConfig
 from scheduler.objectives import ClassificationObjective
 from scheduler.zo.lora_layout import LoraShape, initial_state, layout_for_model_dir
+from scheduler.engine_step import run_engine_step
+from scheduler.zo.methods import SgdHyper, build_method
 from scheduler.zo.mezo import MezoHyper
-from scheduler.zo_step import ProbeSlots, run_mezo_step
 
 NUM_STEPS = 30
 # MeZO's LoRA setting uses ε = 1e-2; with ε = 1e-3 the ~1e-7 fp32 difference between the two forward
@@ -24,20 +25,21 @@ async def _run_parity(binding: EngineBinding, model_dir: str, objective: Classif
     theta0 = initial_state(layout, seed=7)
     data = objective.encode(binding.tokenizer, load_sst2("train", limit=400), 256)
     key = "parity"
-    await binding.set_state(key, layout, theta0)
+    method = build_method("mezo-sgd", SgdHyper(HYPER.lr, HYPER.eps, HYPER.num_directions))
+    await binding.set_state(key, layout, theta0, ("mezo-sgd", (("num_directions", HYPER.num_directions),)))
     baseline = BaselineMezoTrainer(BaselineConfig(model_dir), layout, theta0)
-    slots = ProbeSlots(binding.slot_ids[0:2], binding.slot_ids[2:4])
+    slots = binding.slot_ids[:4]
     engine_grads, baseline_grads = [], []
     try:
         for step in range(NUM_STEPS):
-            on_engine = await run_mezo_step(
-                binding, key, data, HYPER, job_seed=11, step=step, batch_size=8, slots=slots, salt="parity"
+            on_engine = await run_engine_step(
+                binding, key, data, method, HYPER.lr, job_seed=11, step=step, batch_size=8, slots=slots, salt="parity"
             )
             on_baseline = baseline.step(data, HYPER, job_seed=11, step=step, batch_size=8)
             assert on_engine.batch == on_baseline.batch and on_engine.seeds == on_baseline.seeds
             engine_grads += on_engine.projected_grads
             baseline_grads += on_baseline.projected_grads
-        engine_theta = await binding.get_state(key)
+        engine_theta, _ = await binding.get_state(key)
     finally:
         await binding.drop_state(key)
     # Relative to each gradient, floored at the run's RMS gradient so that near-zero gradients do not

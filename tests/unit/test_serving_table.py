@@ -12,7 +12,7 @@ def test_publish_alternates_buffers_and_new_requests_see_latest():
     assert table.publish_target("a") == 3
     table.mark_published("a", 3, 0)
     lease = table.acquire("a")
-    assert (lease.slot, lease.version, lease.cache_salt) == (3, 0, "adapter:a@0")
+    assert (lease.slot, lease.version, lease.cache_salt) == (3, 0, "adapter:a:@0")
     table.release(lease)
     assert table.publish_target("a") == 4
     table.mark_published("a", 4, 1)

@@ -1,0 +1,113 @@
+"""Jobs survive a restart: each job's spec (written once) and progress (rewritten on change) as JSON files.
+
+The adapter store stays the source of truth for states and versions; the journal only remembers which jobs
+exist, what they asked for, and where they stood, so a restarted service resumes them from their adapter's
+head. Files are written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from scheduler.jobs import JobSpec, JobStatus
+from scheduler.objectives import ClassificationObjective, CompletionObjective, LabelledText, PromptCompletion
+from scheduler.zo.lora_layout import LoraShape
+from scheduler.zo.mezo import MezoHyper
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    status: JobStatus
+    start_version: int  # the adapter's head when the job started stepping
+    step: int
+    last_loss: float | None
+    error: str | None
+    created_at: float
+
+
+def _examples_to_json(examples) -> list[dict]:
+    return [asdict(e) for e in examples]
+
+
+def _examples_from_json(rows: list[dict]) -> tuple:
+    return tuple(LabelledText(**r) if "label" in r else PromptCompletion(**r) for r in rows)
+
+
+def spec_to_json(spec: JobSpec) -> dict:
+    objective = spec.objective
+    return {
+        "adapter": spec.adapter,
+        "examples": _examples_to_json(spec.examples),
+        "objective": {"type": "classification", "template": objective.template, "options": list(objective.options)}
+        if isinstance(objective, ClassificationObjective)
+        else {"type": "completion"},
+        "hyper": asdict(spec.hyper),
+        "lora": {"rank": spec.lora.rank, "alpha": spec.lora.alpha, "target_modules": list(spec.lora.target_modules)},
+        "batch_size": spec.batch_size,
+        "max_steps": spec.max_steps,
+        "seed": spec.seed,
+        "weight": spec.weight,
+        "method": spec.method,
+        "method_params": [list(p) for p in spec.method_params],
+        "eval_examples": _examples_to_json(spec.eval_examples),
+        "eval_every": spec.eval_every,
+    }
+
+
+def spec_from_json(raw: dict) -> JobSpec:
+    objective = raw["objective"]
+    return JobSpec(
+        adapter=raw["adapter"],
+        examples=_examples_from_json(raw["examples"]),
+        objective=ClassificationObjective(objective["template"], tuple(objective["options"]))
+        if objective["type"] == "classification"
+        else CompletionObjective(),
+        hyper=MezoHyper(**raw["hyper"]),
+        lora=LoraShape(raw["lora"]["rank"], raw["lora"]["alpha"], tuple(raw["lora"]["target_modules"])),
+        batch_size=raw["batch_size"],
+        max_steps=raw["max_steps"],
+        seed=raw["seed"],
+        weight=raw["weight"],
+        method=raw["method"],
+        method_params=tuple((k, float(v)) for k, v in raw["method_params"]),
+        eval_examples=_examples_from_json(raw["eval_examples"]),
+        eval_every=raw["eval_every"],
+    )
+
+
+def _write_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
+
+
+class JobJournal:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def save_spec(self, job_id: str, spec: JobSpec) -> None:
+        _write_atomic(self.root / f"{job_id}.spec.json", spec_to_json(spec))
+
+    def save_progress(self, job_id: str, progress: JobProgress) -> None:
+        payload = asdict(progress)
+        payload["status"] = progress.status.value
+        _write_atomic(self.root / f"{job_id}.progress.json", payload)
+
+    def load_all(self) -> list[tuple[str, JobSpec, JobProgress]]:
+        jobs = []
+        for spec_path in sorted(self.root.glob("*.spec.json")):
+            job_id = spec_path.name.removesuffix(".spec.json")
+            progress_path = self.root / f"{job_id}.progress.json"
+            if not progress_path.exists():
+                continue
+            raw = json.loads(progress_path.read_text())
+            raw["status"] = JobStatus(raw["status"])
+            jobs.append((job_id, spec_from_json(json.loads(spec_path.read_text())), JobProgress(**raw)))
+        return jobs

@@ -1,0 +1,202 @@
+"""One job's life: load its adapter, take probe slots, run steps, commit and publish each version, evaluate.
+
+A job's state (`JobRun`) is mutated only by its own task and by the runtime's pause/resume/cancel; every
+status change is an event, goes to the observer and is written to the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from scheduler.engine_step import StepOutcome, run_engine_step
+from scheduler.errors import InvalidJobSpec, NoCapacity
+from scheduler.job_journal import JobProgress
+from scheduler.jobs import EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric
+from scheduler.objectives import BatchScore, EncodedDataset
+from scheduler.zo.methods import InvalidHyperParameter, build_method, hyper_items, parse_hyper
+
+if TYPE_CHECKING:
+    from scheduler.adapter_host import LoadedAdapter
+    from scheduler.runtime import Runtime
+
+log = logging.getLogger(__name__)
+EVAL_CHUNK = 64  # eval sequences submitted at once
+
+
+@dataclass
+class JobRun:
+    id: str
+    spec: JobSpec
+    created_at: float
+    start_version: int | None = None  # adapter head when the job first stepped
+    status: JobStatus = JobStatus.VALIDATING
+    step: int = 0
+    last_loss: float | None = None
+    error: str | None = None
+    started: bool = False
+    resume_requested: bool = True
+    stopping_for_shutdown: bool = False
+    data: EncodedDataset | None = None
+    events: list[JobEvent] = field(default_factory=list)
+    step_metrics: deque[StepMetric] = field(default_factory=lambda: deque(maxlen=100_000))
+    eval_metrics: list[EvalMetric] = field(default_factory=list)
+    outcomes: deque[StepOutcome] = field(default_factory=lambda: deque(maxlen=1000))
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+    def __post_init__(self) -> None:
+        self.resume.set()
+
+    def event(self, kind: str, message: str) -> None:
+        self.events.append(JobEvent(len(self.events) + 1, time.time(), kind, self.status, message, self.step))
+
+    def set_status(self, status: JobStatus, runtime: Runtime, message: str = "") -> None:
+        if status is self.status:
+            return
+        self.status = status
+        self.event("status", message or status.value)
+        runtime.observer.on_job_status(self.id, self.spec.adapter, status)
+        self.save_progress(runtime)
+
+    def save_progress(self, runtime: Runtime) -> None:
+        runtime.journal.save_progress(
+            self.id,
+            JobProgress(self.status, self.start_version or 0, self.step, self.last_loss, self.error, self.created_at),
+        )
+
+    def view(self, version: int) -> JobView:
+        recent = list(self.step_metrics)[-20:]
+        busy_s = sum(m.duration_s for m in recent)
+        return JobView(
+            self.id, self.spec.adapter, self.status, self.step, self.spec.max_steps, version, self.last_loss,
+            self.error, self.created_at, len(recent) / busy_s if busy_s > 0 else None,
+        )
+
+    async def append_examples(self, runtime: Runtime, examples: Sequence) -> int:
+        encoded = await asyncio.to_thread(
+            self.spec.objective.encode, runtime.binding.tokenizer, examples, runtime.binding.config.max_model_len
+        )
+        self.spec = replace(self.spec, examples=tuple(self.spec.examples) + tuple(examples))
+        if self.data is not None:
+            self.data = self.data.extended(encoded)
+        await asyncio.to_thread(runtime.journal.save_spec, self.id, self.spec)
+        self.event("data", f"{len(examples)} examples appended; stream has {len(self.spec.examples)}")
+        return len(self.spec.examples)
+
+
+def method_hyper(spec: JobSpec):
+    """The method's validated hyper-parameters from a job spec (InvalidJobSpec names the field)."""
+    params = {
+        "lr": spec.hyper.lr,
+        "eps": spec.hyper.eps,
+        "num_directions": spec.hyper.num_directions,
+        "weight_decay": spec.hyper.weight_decay,
+        **dict(spec.method_params),
+    }
+    try:
+        return parse_hyper(spec.method, params)
+    except InvalidHyperParameter as exc:
+        raise InvalidJobSpec(exc.field if exc.field == "method" else f"hyperparameters.{exc.field}", str(exc)) from exc
+
+
+def probe_slots_needed(spec: JobSpec) -> int:
+    q = spec.hyper.num_directions
+    return 2 * q + 1 if spec.method == "zo-sgd-cons" else 2 * q
+
+
+async def _take_probe_slots(runtime: Runtime, count: int) -> tuple[int, ...]:
+    while True:
+        try:
+            return await runtime.host.take_slots(count)
+        except NoCapacity:
+            await runtime.slots.wait_change()
+
+
+async def _evaluate(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, data: EncodedDataset, slot: int) -> EvalMetric:
+    binding = runtime.binding
+    await binding.write_state(adapter.name, slot)
+    salt = f"eval:{run.id}@{adapter.head}"
+    total_loss, num_correct, count = 0.0, 0, 0
+    for start in range(0, len(data), EVAL_CHUNK):
+        indices = list(range(start, min(len(data), start + EVAL_CHUNK)))
+        scores = await binding.score(data.sequences(indices), slot, salt=salt)
+        batch: BatchScore = data.score_batch(indices, scores)
+        total_loss += batch.loss * batch.num_examples
+        num_correct += batch.num_correct
+        count += batch.num_examples
+    classification = hasattr(data, "labels")
+    metric = EvalMetric(run.step, adapter.head, total_loss / count, num_correct / count if classification else None, time.time())
+    run.eval_metrics.append(metric)
+    run.event("eval", f"eval loss {metric.loss:.4f}" + (f", accuracy {metric.accuracy:.4f}" if metric.accuracy is not None else ""))
+    runtime.observer.on_eval(run.spec.adapter, metric)
+    return metric
+
+
+async def run_job(runtime: Runtime, run: JobRun) -> None:
+    spec, host, binding = run.spec, runtime.host, runtime.binding
+    probe_slots: tuple[int, ...] = ()
+    try:
+        hyper = method_hyper(spec)
+        method = build_method(spec.method, hyper)
+        max_len = binding.config.max_model_len
+        run.data = await asyncio.to_thread(spec.objective.encode, binding.tokenizer, spec.examples, max_len)
+        eval_data = (
+            await asyncio.to_thread(spec.objective.encode, binding.tokenizer, spec.eval_examples, max_len)
+            if spec.eval_examples
+            else None
+        )
+        await host.create_if_missing(spec.adapter, spec.lora, spec.seed)
+        probe_slots = await _take_probe_slots(runtime, probe_slots_needed(spec))
+        adapter = await host.load(spec.adapter, (spec.method, hyper_items(hyper)))
+        if run.start_version is None:
+            run.start_version = adapter.head
+        run.step = max(0, adapter.head - run.start_version)
+        run.started = True
+        if run.resume_requested:
+            run.set_status(JobStatus.RUNNING, runtime)
+        while run.step < spec.max_steps:
+            await run.resume.wait()
+            outcome = await run_engine_step(
+                binding, adapter.name, run.data, method, hyper.lr, job_seed=spec.seed, step=run.step,
+                batch_size=spec.batch_size, slots=probe_slots, salt=f"probe:{run.id}@{adapter.head}",
+            )
+            version = await host.commit_step(adapter, outcome, method, hyper)
+            run.step += 1
+            run.last_loss = outcome.loss
+            run.outcomes.append(outcome)
+            metric = StepMetric(
+                run.step, version, outcome.loss, outcome.projected_grad_norm, outcome.duration_s, time.time(),
+                outcome.num_sequences, outcome.num_tokens,
+            )
+            run.step_metrics.append(metric)
+            runtime.observer.on_step(spec.adapter, metric)
+            runtime.observer.on_commit(spec.adapter, version)
+            if run.step % 10 == 0:
+                run.event("metrics", f"step {run.step}: loss {outcome.loss:.4f}")
+            run.save_progress(runtime)
+            await host.publish(adapter)
+            if eval_data is not None and spec.eval_every and run.step % spec.eval_every == 0:
+                await _evaluate(runtime, run, adapter, eval_data, probe_slots[0])
+        if eval_data is not None and not (spec.eval_every and run.step % spec.eval_every == 0):
+            await _evaluate(runtime, run, adapter, eval_data, probe_slots[0])
+        await host.snapshot_head(adapter)
+        await host.publish_when_idle(adapter)
+        run.set_status(JobStatus.SUCCEEDED, runtime)
+    except asyncio.CancelledError:
+        if not run.stopping_for_shutdown:
+            run.set_status(JobStatus.CANCELLED, runtime)
+    except Exception as exc:  # one job's failure must not stop the others
+        log.exception("job %s failed", run.id)
+        run.error = f"{type(exc).__name__}: {exc}"
+        run.event("error", run.error)
+        run.set_status(JobStatus.FAILED, runtime, run.error)
+    finally:
+        if probe_slots:
+            await runtime.slots.give_back(probe_slots)
+        await host.release_training(spec.adapter)
