@@ -10,11 +10,16 @@ Why not plain DRR rounds: a ZO job has at most one step outstanding (step N+1 pe
 job is rarely "backlogged" in DRR's sense and DRR would reset its deficit every time its step is in flight.
 Tags keep that history instead.
 
-- A new or resumed job joins at the current virtual time (the smallest tag among active jobs), so it cannot
-  claim credit for time it was away and does not owe anything either.
+- Virtual time is the largest start tag granted so far (SFQ: the start tag of the work in service).
+- A new or resumed job joins at the current virtual time, so it cannot claim credit for time it was away
+  and does not owe anything either.
+- A job whose step just finished re-enters at max(its tag, virtual time): a job is not backlogged while its
+  step is in flight, so like an idle SFQ flow it banks no credit for the time it could not use. Without this,
+  a job capped by its own step latency falls far behind in virtual time and later locks everyone else out
+  while it "catches up" on service it could never have used.
 - A paused or removed job is dropped at once: its share goes to the others from the next grant on.
-- No starvation: tags only grow by what a job is granted, so a waiting job's tag is eventually the smallest,
-  and the planner lets no one overtake the head of the queue (see planner.py).
+- No starvation: a waiting job's tag stays put while others' grow, so it becomes the smallest within a
+  bounded number of grants, and the planner lets no one overtake the head of the queue (see planner.py).
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ class JobFairState:
     virtual_start: float  # tokens granted / weight, offset to the virtual time at which the job joined
     num_tokens_granted_total: int = 0
     recent_tokens: float = 0.0  # EWMA of tokens granted per round, for the share record
+    has_step_in_flight: bool = False  # as of the last grant or sync; a finished step means re-entry
 
 
 @dataclass(frozen=True)
 class FairnessState:
     jobs: tuple[JobFairState, ...] = ()  # sorted by job_id
-    virtual_time: float = 0.0  # never decreases
+    virtual_time: float = 0.0  # largest start tag granted so far; never decreases
 
     def by_job(self) -> dict[str, JobFairState]:
         return {job.job_id: job for job in self.jobs}
@@ -47,20 +53,20 @@ def _freeze(jobs: Iterable[JobFairState], virtual_time: float) -> FairnessState:
 
 
 def sync_jobs(state: FairnessState, demands: Iterable[JobDemand]) -> FairnessState:
-    """Admit new and resumed jobs at the current virtual time; drop paused and vanished ones."""
-    active = [demand for demand in demands if not demand.is_paused]
+    """Admit new and resumed jobs, re-enter jobs whose step finished, drop paused and vanished ones."""
     known = state.by_job()
-    kept = [known[demand.job_id] for demand in active if demand.job_id in known]
-    # Virtual time follows the most-owed job still present and never moves back.
     virtual_time = state.virtual_time
-    if kept:
-        virtual_time = max(virtual_time, min(job.virtual_start for job in kept))
-    joined = [
-        JobFairState(job_id=demand.job_id, virtual_start=virtual_time)
-        for demand in active
-        if demand.job_id not in known
-    ]
-    return _freeze([*kept, *joined], virtual_time)
+    synced = []
+    for demand in demands:
+        if demand.is_paused:
+            continue
+        job = known.get(demand.job_id)
+        if job is None:
+            job = JobFairState(job_id=demand.job_id, virtual_start=virtual_time)
+        elif job.has_step_in_flight and not demand.has_step_in_flight:
+            job = replace(job, virtual_start=max(job.virtual_start, virtual_time))
+        synced.append(replace(job, has_step_in_flight=demand.has_step_in_flight))
+    return _freeze(synced, virtual_time)
 
 
 def fair_order(state: FairnessState, demands: Iterable[JobDemand]) -> tuple[JobDemand, ...]:
@@ -85,8 +91,9 @@ def charge(state: FairnessState, job_id: str, num_tokens: int, weight: float) ->
         job,
         virtual_start=job.virtual_start + num_tokens / weight,
         num_tokens_granted_total=job.num_tokens_granted_total + num_tokens,
+        has_step_in_flight=True,
     )
-    return _freeze(jobs.values(), state.virtual_time)
+    return _freeze(jobs.values(), max(state.virtual_time, job.virtual_start))
 
 
 def refund(state: FairnessState, job_id: str, num_tokens: int, weight: float) -> FairnessState:
@@ -99,8 +106,9 @@ def refund(state: FairnessState, job_id: str, num_tokens: int, weight: float) ->
     job = jobs[job_id]
     jobs[job_id] = replace(
         job,
-        virtual_start=max(state.virtual_time, job.virtual_start - num_tokens / weight),
+        virtual_start=job.virtual_start - num_tokens / weight,
         num_tokens_granted_total=max(0, job.num_tokens_granted_total - num_tokens),
+        has_step_in_flight=False,
     )
     return _freeze(jobs.values(), state.virtual_time)
 

@@ -83,7 +83,7 @@ def test_no_growth_while_the_budget_is_not_what_limits_zo():
     assert state.last_reason is BudgetReason.HOLD_UNDERUSED
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(
     st.lists(
         st.tuples(

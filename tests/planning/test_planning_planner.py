@@ -63,7 +63,7 @@ def test_training_keeps_going_next_to_users_and_refills_after(traffic_run):
     assert traffic_run.max_slots_in_use <= CONFIG.num_slots
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, database=None)
 @given(
     st.lists(st.integers(0, 4), min_size=20, max_size=80),
     st.lists(st.tuples(st.floats(0.2, 5.0), st.integers(200, 9000), st.integers(1, 6)), min_size=1, max_size=4),

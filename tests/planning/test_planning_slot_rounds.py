@@ -26,7 +26,7 @@ ROUND = st.tuples(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(
     st.integers(3, 8),
     st.lists(st.tuples(st.floats(0.5, 3.0), st.integers(1, 4)), min_size=1, max_size=3),

@@ -96,7 +96,7 @@ def slot_worlds(draw):
     return num_slots, occupancy, demands, probes, reserve
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(slot_worlds())
 def test_slot_invariants_under_random_workloads(world):
     num_slots, occupancy, demands, probes, reserve = world
