@@ -30,7 +30,8 @@ Contract for the loop that carries plans out (one round every few tens of ms, an
 
 Rules the loop must keep: submit user requests only for adapter keys resident in `plan.slots.occupancy`
 (vLLM must never see more distinct adapters than slots); report a slot's in-flight requests truthfully
-(the planner never touches a slot with any); call `refund_step(state, grant, weight)` if a granted step is not submitted.
+(the planner never touches a slot with any); call `refund_step(state, grant, weight)` if a granted step
+is not submitted.
 Everything raises `PlanningError` (a ValueError naming the field) on an inconsistent observation.
 
 Modules: controller (token budget from latency), fairness (weighted fair order over jobs), slots (slot

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from scheduler.planning.records import (
     JobStatus,
-    PlanningError,
     ServingDemand,
     SlotKind,
     SlotOccupancy,
@@ -116,11 +115,14 @@ def plan_slots(
 
     free = [slot_id for slot_id in range(num_slots) if slot_id not in table]
     idle_probe = sorted(s.slot_id for s in occupancy if s.kind is SlotKind.PROBE and not is_protected(s))
-    # LRU: oldest first; slot_id breaks ties so the plan is deterministic.
+    # LRU: oldest first (the fresher of the slot's and the demand's last use); slot_id breaks ties.
+    demand_last_used_s = {demand.adapter_key: demand.last_used_s for demand in serving_demands}
+
+    def lru_key(slot: SlotOccupancy) -> tuple[float, int]:
+        return max(slot.last_used_s, demand_last_used_s.get(slot.owner, slot.last_used_s)), slot.slot_id
+
     idle_serving = [
-        s.slot_id
-        for s in sorted(occupancy, key=lambda s: (s.last_used_s, s.slot_id))
-        if s.kind is SlotKind.SERVING and not is_protected(s)
+        s.slot_id for s in sorted(occupancy, key=lru_key) if s.kind is SlotKind.SERVING and not is_protected(s)
     ]
     evictions: dict[int, SlotEviction] = {}
 

@@ -45,7 +45,14 @@ class Harness:
             latency=latency or LatencySignal(),
             num_probe_tokens_in_flight=sum(tokens for _, tokens, _ in self.steps.values()),
             jobs=tuple(
-                JobDemand(j.job_id, j.weight, j.num_step_tokens, j.num_probe_slots, j.job_id in paused, j.job_id in self.steps)
+                JobDemand(
+                    j.job_id,
+                    j.weight,
+                    j.num_step_tokens,
+                    j.num_probe_slots,
+                    is_paused=j.job_id in paused,
+                    has_step_in_flight=j.job_id in self.steps,
+                )
                 for j in jobs
             ),
             slots=tuple(

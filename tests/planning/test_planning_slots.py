@@ -123,7 +123,8 @@ def test_slot_invariants_under_random_workloads(world):
     assert len(granted) == len(set(granted))
     for grant in plan.probe_grants:
         assert len(grant.slot_ids) == wanted_slots[grant.job_id]
-        assert all(after[slot_id].kind is SlotKind.PROBE and after[slot_id].owner == grant.job_id for slot_id in grant.slot_ids)
+        for slot_id in grant.slot_ids:
+            assert (after[slot_id].kind, after[slot_id].owner) == (SlotKind.PROBE, grant.job_id)
     order = [d.job_id for d in probes]
     blocked_at = [order.index(job) for job, why in plan.blocked_jobs if why is JobStatus.WAITING_FOR_SLOTS]
     if blocked_at:
@@ -144,3 +145,10 @@ def test_slot_invariants_under_random_workloads(world):
             1 for s in plan.occupancy if s.num_in_flight == 0 and s.kind is SlotKind.SERVING and s.owner not in wanted
         )
         assert reclaimable >= reserve
+
+
+def test_lru_uses_the_fresher_of_slot_and_demand_last_use():
+    occupancy = [serving(0, "a@1", last_used_s=1.0), serving(1, "b@1", last_used_s=2.0)]
+    demands = [ServingDemand("a@1", last_used_s=9.0), ServingDemand("c@1", num_waiting=1)]
+    plan = plan_slots(2, occupancy, demands, [])
+    assert [e.owner for e in plan.to_evict] == ["b@1"]
