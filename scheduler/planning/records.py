@@ -177,6 +177,9 @@ class PlannerRecord:
     num_probe_tokens_in_flight: int  # before this round's grants
     num_tokens_admitted: int
     num_user_tokens_in_flight: int
+    num_user_waiting: int
+    num_engine_running: int
+    num_engine_waiting: int
     train_token_share: float  # probe tokens / (probe + user tokens) in flight after this round's grants
     serve_token_share: float
     num_slots: int
