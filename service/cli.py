@@ -1,10 +1,14 @@
-"""The `zoserve` command: `zoserve serve`, `zoserve build-tiny-model`."""
+"""The `zoserve` command: `serve`, `build-tiny-model`, and `jobs …` (a REST client, see cli_jobs)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+
+import httpx
+
+from service import cli_jobs
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -28,8 +32,7 @@ def _build_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoserve")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the service (embedded default: tiny local model, no Redis)")
@@ -40,8 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     tiny = sub.add_parser("build-tiny-model", help="build a tiny local model and print its directory")
     tiny.add_argument("name", nargs="?", default="tiny-opt")
     tiny.set_defaults(func=_build_tiny_model)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    cli_jobs.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except cli_jobs.ApiError as exc:
+        print(f"zoserve: {exc}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as exc:
+        print(f"zoserve: cannot reach the service: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from scheduler.runtime import Runtime
 from scheduler.zo.lora_layout import LoraShape
 from scheduler.zo.mezo import MezoHyper
 from service.auth import require_admin
-from service.errors import InvalidInput
+from service.errors import InvalidInput, NotFound
 from service.examples import ExampleIn, to_records
 from service.files.store import FileStore
 from service.jobs.schemas import (
@@ -47,7 +47,10 @@ def _dataset(inline: list[ExampleIn] | None, file_id: str | None, files: FileSto
     if inline is not None and file_id is not None:
         raise InvalidInput(f"give {field}_data or {field}_file, not both", f"{field}_file")
     if file_id is not None:
-        return files.examples(file_id, f"{field}_file")
+        try:
+            return files.examples(file_id, f"{field}_file")
+        except NotFound as exc:  # a body field naming nothing is bad input, not a missing URL resource
+            raise InvalidInput(str(exc), f"{field}_file") from None
     return inline
 
 

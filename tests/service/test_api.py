@@ -1,0 +1,285 @@
+"""Every control-plane route over real HTTP on the real engine: happy paths, every error status, the job
+state machine, pause/resume, auth scopes, uploads, adapter versions, rollback and download."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import tarfile
+
+from service_harness import job_body, sst2_rows, wait_for_job
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+async def _upload(client, data: bytes, name: str = "train.jsonl"):
+    return await client.post("/v1/files", files={"file": (name, data, "application/jsonl")}, data={"purpose": "fine-tune"})
+
+
+# ---------------------------------------------------------------- auth and open endpoints
+
+
+async def test_health_ready_and_metrics_are_open(anonymous):
+    assert (await anonymous.get("/healthz")).json() == {"status": "ok"}
+    assert (await anonymous.get("/readyz")).status_code == 200
+    metrics = await anonymous.get("/metrics")
+    assert metrics.status_code == 200 and "zoserve_http_requests_total" in metrics.text
+
+
+async def test_keys_and_scopes(anonymous, admin, user, service_url):
+    import httpx
+
+    async with httpx.AsyncClient(base_url=service_url, headers={"Authorization": "Bearer wrong"}) as wrong:
+        for reply in (await anonymous.get("/v1/jobs"), await wrong.get("/v1/jobs"),
+                      await anonymous.post("/v1/completions", json={"model": "base", "prompt": "x"}),
+                      await wrong.get("/v1/models")):
+            assert reply.status_code == 401, reply.text
+            assert reply.json()["error"]["type"] == "authentication_error"
+            assert reply.headers["www-authenticate"] == "Bearer"
+    forbidden = [await user.get("/v1/jobs"), await user.get("/v1/adapters"), await user.post("/v1/files"),
+                 await admin.get("/v1/models"), await admin.post("/v1/chat/completions", json={})]
+    assert [r.status_code for r in forbidden] == [403] * 5
+    assert (await admin.get("/v1/jobs")).status_code == 200
+    assert (await user.get("/v1/models")).status_code == 200
+
+
+# ---------------------------------------------------------------- uploads
+
+
+async def test_file_upload_and_its_errors(admin):
+    created = await _upload(admin, _jsonl(sst2_rows(16)))
+    assert created.status_code == 201, created.text
+    meta = created.json()
+    assert meta["object"] == "file" and meta["num_examples"] == 16 and meta["kind"] == "classification"
+    assert (await admin.get(f"/v1/files/{meta['id']}")).json()["id"] == meta["id"]
+    assert meta["id"] in [f["id"] for f in (await admin.get("/v1/files")).json()["data"]]
+
+    too_big = await _upload(admin, b'{"text": "x", "label": 0}\n' * 20_000)
+    assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "file"
+    for bad in (b"not json\n", b'{"text": "a", "label": -1}\n', b'{"text": "a", "label": 0}\n{"prompt": "p", "completion": "c"}\n', b"\n"):
+        reply = await _upload(admin, bad)
+        assert reply.status_code == 422 and reply.json()["error"]["param"] == "file", (bad, reply.text)
+    assert (await admin.get("/v1/files/file-000000000000000000000000")).status_code == 404
+    assert (await admin.get("/v1/files/..%2Fetc")).status_code == 404
+
+
+# ---------------------------------------------------------------- jobs: input errors
+
+
+async def test_job_input_errors_name_the_field(admin):
+    cases = [
+        ({"hyperparameters": {"learning_rate": -1}}, "hyperparameters.learning_rate"),
+        ({"lora": {"rank": 64, "alpha": 8, "target_modules": ["q_proj"]}}, "lora.rank"),
+        ({"lora": {"rank": 4, "alpha": 8, "target_modules": ["k_proj"]}}, "lora.target_modules"),
+        ({"method": "adamw"}, "method"),
+        ({"method": "zo-sgd-mmt", "method_params": {"momentum": 1.5}}, "momentum"),  # the runtime names the prefix
+        ({"adapter": "../etc"}, "adapter"),
+        ({"training_data": [{"text": "a", "label": 7}]}, "training_data.label"),
+        ({"training_data": [{"prompt": "a", "completion": "b"}]}, "training_data.0"),
+        ({"training_file": "file-000000000000000000000000"}, "training_file"),  # and training_data: both
+        ({"training_file": "file-000000000000000000000000", "training_data": None}, "training_file"),  # unknown
+        ({"training_data": None}, "training_data"),
+        ({"objective": {"type": "classification", "template": "no slot", "options": [" a", " b"]}}, "objective.template"),
+        ({"objective": {"type": "regression"}}, "objective"),
+        ({"seed": -1}, "seed"),
+    ]
+    for overrides, field in cases:
+        body = job_body("bad-input", 3)
+        for key, value in overrides.items():
+            if isinstance(value, dict) and key == "hyperparameters":
+                body[key] = {**body[key], **value}
+            else:
+                body[key] = value
+        body = {k: v for k, v in body.items() if v is not None}
+        reply = await admin.post("/v1/jobs", json=body)
+        assert reply.status_code == 422, (overrides, reply.text)
+        param = reply.json()["error"]["param"]
+        assert param is not None and (param.startswith(field) or param.endswith(f".{field}")), (overrides, reply.json())
+    assert (await admin.get("/v1/jobs", params={"limit": 0})).status_code == 422
+
+
+async def test_unknown_job_is_404_everywhere(admin):
+    for method, path in [("GET", ""), ("POST", "/cancel"), ("POST", "/pause"), ("POST", "/resume"),
+                         ("GET", "/events"), ("GET", "/metrics")]:
+        reply = await admin.request(method, f"/v1/jobs/job-missing{path}")
+        assert reply.status_code == 404, (path, reply.text)
+        assert reply.json()["error"]["type"] == "not_found_error"
+
+
+# ---------------------------------------------------------------- jobs: state machine, pause, metrics
+
+
+async def _steps(admin, job_id: str) -> int:
+    return (await admin.get(f"/v1/jobs/{job_id}")).json()["step"]
+
+
+async def test_job_lifecycle_pause_resume_events_and_metrics(admin, client):
+    upload = (await _upload(admin, _jsonl(sst2_rows(64)))).json()
+    body = job_body("api-life", 40, training_file=upload["id"], validation_data=sst2_rows(8), eval_every=5)
+    del body["training_data"]
+    created = await admin.post("/v1/jobs", json=body)
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["object"] == "zoserve.job" and job["status"] in ("queued", "running")
+    job_id = job["id"]
+
+    # One active job per adapter.
+    second = await admin.post("/v1/jobs", json=job_body("api-life", 3))
+    assert second.status_code == 409 and second.json()["error"]["type"] == "conflict_error"
+
+    await wait_for_job(admin, job_id, lambda j: j["status"] == "running" and j["step"] >= 2)
+    # Examples appended to the running job's stream.
+    appended = await admin.post("/v1/adapters/api-life/examples", json={"examples": sst2_rows(4)})
+    assert appended.status_code == 200 and appended.json()["num_appended"] >= 4, appended.text
+
+    paused = await admin.post(f"/v1/jobs/{job_id}/pause")
+    assert paused.status_code == 200 and paused.json()["status"] == "paused"
+    await asyncio.sleep(1.0)  # a step already in the engine may still land
+    frozen = await _steps(admin, job_id)
+    await asyncio.sleep(3.0)
+    assert await _steps(admin, job_id) == frozen, "a paused job must not step"
+    assert (await admin.get(f"/v1/jobs/{job_id}")).json()["status"] == "paused"
+
+    resumed = await admin.post(f"/v1/jobs/{job_id}/resume")
+    assert resumed.json()["status"] in ("running", "queued")
+    await wait_for_job(admin, job_id, lambda j: j["step"] > frozen + 1, timeout_s=120)
+
+    done = await wait_for_job(admin, job_id, lambda j: j["status"] in FINAL)
+    assert done["status"] == "succeeded" and done["step"] == 40, done
+
+    events = (await admin.get(f"/v1/jobs/{job_id}/events")).json()["data"]
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    statuses = [e["status"] for e in events if e["kind"] == "status"]
+    for expected in ("validating", "queued", "running", "paused", "succeeded"):
+        assert expected in statuses, (expected, statuses)
+    assert statuses.index("paused") < len(statuses) - 1 - statuses[::-1].index("running")
+    later = (await admin.get(f"/v1/jobs/{job_id}/events", params={"after": seqs[-2]})).json()["data"]
+    assert [e["seq"] for e in later] == [seqs[-1]]
+
+    metrics = (await admin.get(f"/v1/jobs/{job_id}/metrics")).json()
+    assert [m["step"] for m in metrics["steps"]] == list(range(1, 41))
+    first = metrics["steps"][0]
+    assert first["loss"] > 0 and first["projected_grad_norm"] >= 0 and first["steps_per_s"] > 0
+    assert len(metrics["evals"]) >= 8 and all(0 <= e["accuracy"] <= 1 for e in metrics["evals"])
+    assert metrics["steps_per_s"] > 0
+
+    # Pause/resume/cancel of a finished job leave it as it is.
+    assert (await admin.post(f"/v1/jobs/{job_id}/cancel")).json()["status"] == "succeeded"
+
+    # The finished adapter is served, at its head, and each version can be pinned.
+    latest = (await client.post("/v1/completions", json={"model": "api-life", "prompt": "it was", "max_tokens": 2})).json()
+    assert latest["system_fingerprint"] == "zoserve:api-life@40"
+    pinned = (await client.post("/v1/completions", json={"model": "api-life@3", "prompt": "it was", "max_tokens": 2})).json()
+    assert pinned["system_fingerprint"] == "zoserve:api-life@3"
+
+
+async def test_cancel_and_list_pagination(admin):
+    # One job at a time: the test engine's 7 slots hold one job's serving buffers and probes, not two.
+    ids = []
+    for name in ("api-cancel-a", "api-cancel-b"):
+        reply = await admin.post("/v1/jobs", json=job_body(name, 10_000))
+        assert reply.status_code == 201, reply.text
+        ids.append(reply.json()["id"])
+        await wait_for_job(admin, ids[-1], lambda j: j["step"] >= 1)
+        cancelled = await admin.post(f"/v1/jobs/{ids[-1]}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert (await admin.post(f"/v1/jobs/{ids[0]}/resume")).json()["status"] == "cancelled"
+    events = (await admin.get(f"/v1/jobs/{ids[0]}/events")).json()["data"]
+    assert events[-1]["status"] == "cancelled"
+
+    everything = (await admin.get("/v1/jobs", params={"limit": 1000})).json()
+    assert {j["id"] for j in everything["data"]} >= set(ids) and not everything["has_more"]
+    pages, offset = [], 0
+    while True:
+        page = (await admin.get("/v1/jobs", params={"offset": offset, "limit": 1})).json()
+        pages += [j["id"] for j in page["data"]]
+        offset += 1
+        if not page["has_more"]:
+            break
+    assert pages == [j["id"] for j in everything["data"]]
+    # A cancelled job frees its adapter for a new job.
+    again = await admin.post("/v1/jobs", json=job_body("api-cancel-a", 1))
+    assert again.status_code == 201
+    await wait_for_job(admin, again.json()["id"], lambda j: j["status"] in FINAL)
+
+
+# ---------------------------------------------------------------- adapters
+
+
+async def test_adapters_versions_rollback_download(admin, client):
+    job = (await admin.post("/v1/jobs", json=job_body("api-adapter", 6))).json()
+    await wait_for_job(admin, job["id"], lambda j: j["status"] == "succeeded")
+
+    listed = (await admin.get("/v1/adapters")).json()["data"]
+    assert "api-adapter" in [a["name"] for a in listed]
+    adapter = (await admin.get("/v1/adapters/api-adapter")).json()
+    assert adapter["head_version"] == 6 and adapter["rank"] == 4 and adapter["active_job_id"] is None
+
+    versions = (await admin.get("/v1/adapters/api-adapter/versions")).json()
+    assert [v["version"] for v in versions["data"]] == list(range(7)) and not versions["has_more"]
+    assert versions["data"][0]["kind"] == "initial" and versions["data"][3]["parent"] == 2
+    page = (await admin.get("/v1/adapters/api-adapter/versions", params={"offset": 2, "limit": 2})).json()
+    assert [v["version"] for v in page["data"]] == [2, 3] and page["has_more"]
+
+    rolled = await admin.post("/v1/adapters/api-adapter/rollback", json={"version": 2})
+    assert rolled.status_code == 200, rolled.text
+    assert rolled.json()["head_version"] == 7
+    tail = (await admin.get("/v1/adapters/api-adapter/versions", params={"offset": 7})).json()["data"]
+    assert tail[0]["kind"] == "rollback"
+    served = (await client.post("/v1/completions", json={"model": "api-adapter", "prompt": "x", "max_tokens": 1})).json()
+    assert served["system_fingerprint"] == "zoserve:api-adapter@7"
+
+    download = await admin.get("/v1/adapters/api-adapter/versions/4/download")
+    assert download.status_code == 200 and download.headers["content-type"] == "application/gzip"
+    with tarfile.open(fileobj=io.BytesIO(download.content), mode="r:gz") as tar:
+        names = tar.getnames()
+        config = json.load(tar.extractfile(next(n for n in names if n.endswith("adapter_config.json"))))
+    assert any(n.endswith("adapter_model.safetensors") for n in names), names
+    assert config["r"] == 4
+
+    # 404s and 422s
+    assert (await admin.get("/v1/adapters/nope")).status_code == 404
+    assert (await admin.get("/v1/adapters/nope/versions")).status_code == 404
+    assert (await admin.get("/v1/adapters/api-adapter/versions/99/download")).status_code == 404
+    assert (await admin.get("/v1/adapters/nope/versions/0/download")).status_code == 404
+    missing = await admin.post("/v1/adapters/api-adapter/rollback", json={"version": 99})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "version"
+    negative = await admin.post("/v1/adapters/api-adapter/rollback", json={"version": -1})
+    assert negative.status_code == 422 and negative.json()["error"]["param"] == "version"
+    # No active job on the adapter: nothing to feed.
+    idle = await admin.post("/v1/adapters/api-adapter/examples", json={"examples": sst2_rows(2)})
+    assert idle.status_code == 404
+    assert (await admin.post("/v1/adapters/api-adapter/examples", json={"examples": []})).status_code == 422
+
+
+# ---------------------------------------------------------------- data plane errors and metrics
+
+
+async def test_data_plane_errors(user):
+    unknown = await user.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    bad_version = await user.post("/v1/completions", json={"model": "api-adapter@999", "prompt": "x"})
+    assert bad_version.status_code == 404 and bad_version.json()["error"]["param"] == "model"
+    too_long = await user.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 4096})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
+    hot = await user.post("/v1/completions", json={"model": "base", "prompt": "x", "temperature": 9})
+    assert hot.status_code == 422 and hot.json()["error"]["param"] == "temperature"
+    no_messages = await user.post("/v1/chat/completions", json={"model": "base", "messages": []})
+    assert no_messages.status_code == 422 and no_messages.json()["error"]["param"] == "messages"
+    models = [m["id"] for m in (await user.get("/v1/models")).json()["data"]]
+    assert models[0] == "base" and "api-adapter" in models
+    assert (await user.get("/v1/nothing-here")).status_code == 404
+
+
+async def test_metrics_count_route_templates(anonymous):
+    text = (await anonymous.get("/metrics")).text
+    assert 'route="/v1/jobs/{job_id}"' in text and 'route="/v1/completions"' in text
+    assert "zoserve_zo_steps_total{adapter=" in text
+    assert 'zoserve_training_jobs{state="succeeded"}' in text
+    assert "/v1/jobs/job-missing" not in text, "raw paths must never become label values"
