@@ -1,0 +1,38 @@
+"""Settings from the environment and the key-scope rules (no engine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.auth import AuthError, Scope, check_key
+from service.settings import Settings
+
+
+def test_key_lists_from_env_json_or_commas(monkeypatch):
+    monkeypatch.setenv("ZOSERVE_ADMIN_API_KEYS", '["a1", "a2"]')
+    monkeypatch.setenv("ZOSERVE_INFERENCE_API_KEYS", "i1, i2,")
+    monkeypatch.setenv("ZOSERVE_TARGET_MODULES", "q_proj,v_proj,k_proj")
+    settings = Settings()
+    assert settings.admin_api_keys == ["a1", "a2"]
+    assert settings.inference_api_keys == ["i1", "i2"]
+    assert settings.target_modules == ["q_proj", "v_proj", "k_proj"]
+    assert not settings.is_open
+
+
+def test_scopes():
+    settings = Settings(admin_api_keys=["adm"], inference_api_keys=["inf"])
+    check_key(settings, "adm", Scope.ADMIN)
+    check_key(settings, "inf", Scope.INFERENCE)
+    for key, scope, status in [(None, Scope.ADMIN, 401), ("nope", Scope.INFERENCE, 401),
+                               ("inf", Scope.ADMIN, 403), ("adm", Scope.INFERENCE, 403)]:
+        with pytest.raises(AuthError) as err:
+            check_key(settings, key, scope)
+        assert err.value.status_code == status
+
+
+def test_open_without_keys_and_closed_planes_once_any_key_exists():
+    check_key(Settings(), None, Scope.ADMIN)
+    only_inference = Settings(inference_api_keys=["inf"])
+    with pytest.raises(AuthError) as err:
+        check_key(only_inference, None, Scope.ADMIN)
+    assert err.value.status_code == 401
