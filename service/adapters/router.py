@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
+from adapters_store import InvalidArgument
 from scheduler.jobs import AdapterView
 from service.adapters.schemas import (
     AdapterList,
@@ -25,6 +26,7 @@ from service.adapters.schemas import (
     VersionOut,
 )
 from service.auth import require_admin
+from service.errors import InvalidInput
 from service.examples import kind_of, to_records
 from service.jobs.router import RuntimeDep
 
@@ -60,7 +62,10 @@ async def list_versions(
 
 @router.post("/{name}/rollback", response_model=AdapterOut)
 async def rollback(name: str, body: RollbackIn, runtime: RuntimeDep) -> AdapterOut:
-    return to_out(await runtime.rollback(name, body.version))
+    try:
+        return to_out(await runtime.rollback(name, body.version))
+    except InvalidArgument as exc:  # the store calls it to_version; the caller sent `version`
+        raise InvalidInput(str(exc), "version" if exc.field == "to_version" else exc.field) from None
 
 
 def _tar_gz(source: Path, archive: Path, top: str) -> None:

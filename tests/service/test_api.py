@@ -248,8 +248,9 @@ async def test_adapters_versions_rollback_download(admin, client):
     assert (await admin.get("/v1/adapters/nope/versions")).status_code == 404
     assert (await admin.get("/v1/adapters/api-adapter/versions/99/download")).status_code == 404
     assert (await admin.get("/v1/adapters/nope/versions/0/download")).status_code == 404
-    missing = await admin.post("/v1/adapters/api-adapter/rollback", json={"version": 99})
-    assert missing.status_code == 404 and missing.json()["error"]["param"] == "version"
+    ahead = await admin.post("/v1/adapters/api-adapter/rollback", json={"version": 99})
+    assert ahead.status_code == 422 and ahead.json()["error"]["param"] == "version"  # not earlier than the head
+    assert (await admin.post("/v1/adapters/nope/rollback", json={"version": 0})).status_code == 404
     negative = await admin.post("/v1/adapters/api-adapter/rollback", json={"version": -1})
     assert negative.status_code == 422 and negative.json()["error"]["param"] == "version"
     # No active job on the adapter: nothing to feed.
