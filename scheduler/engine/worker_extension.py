@@ -21,6 +21,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
+from scheduler.engine import cpu_lora_ops
 from scheduler.zo.lora_layout import LoraLayout, LoraShape, TensorSpec
 from scheduler.zo.methods import build_method, parse_hyper
 from scheduler.zo.zo_step import (
@@ -37,6 +38,9 @@ try:  # bf16 on AMX CPUs needs the tile permission requested in every process th
     torch._C._cpu._init_amx()
 except (AttributeError, RuntimeError):
     pass
+
+# This module is imported in the worker process: swap in grouped CPU LoRA ops (verified against vLLM's).
+cpu_lora_ops.install()
 
 
 def tensors_to_wire(tensors: dict[str, torch.Tensor]) -> bytes:
