@@ -40,6 +40,15 @@ class SlotPool:
     def num_free(self) -> int:
         return len(self._free)
 
+    def free_slots(self) -> tuple[int, ...]:
+        return tuple(self._free)
+
+    def take_specific(self, slots: tuple[int, ...]) -> None:
+        missing = [s for s in slots if s not in self._free]
+        if missing:
+            raise ValueError(f"slots {missing} are not free")
+        self._free = [s for s in self._free if s not in slots]
+
     def take(self, count: int) -> tuple[int, ...] | None:
         if count > len(self._free):
             return None
@@ -139,6 +148,11 @@ class AdapterHost:
                 raise NoCapacity(f"no {count} free LoRA slots: every slot is in use")
         return slots
 
+    async def reclaim_slot(self) -> bool:
+        """Free the least recently used idle serving slot(s), for probes short of slots."""
+        async with self._lock:
+            return await self._evict_one()
+
     async def _evict_one(self) -> bool:
         idle_versions = [(v.last_used, key) for key, v in self._version_slots.items() if v.users == 0]
         idle_adapters = [
@@ -155,6 +169,14 @@ class AdapterHost:
             await self.binding.drop_state(key)
             await self.slots.give_back(self.serving.unregister(key))
         return True
+
+    def serving_slots(self) -> list[tuple[int, str, int]]:
+        """(slot, owner key, requests in flight) of every slot serving an adapter or a pinned version."""
+        rows = []
+        for name in self.loaded:
+            rows += [(slot, name, n) for slot, n in self.serving.slot_usage(name)]
+        rows += [(entry.slot, f"{name}@{version}", entry.users) for (name, version), entry in self._version_slots.items()]
+        return rows
 
     async def release_training(self, name: str) -> None:
         adapter = self.loaded.get(name)
@@ -209,10 +231,11 @@ class AdapterHost:
         while self.serving.live_version(adapter.name) != adapter.head and time.monotonic() < deadline:
             if not await self.publish(adapter):
                 # A release that lands between the check and the wait is caught by the timeout.
+                waiter = asyncio.ensure_future(self.serving.wait_release(adapter.name))
                 try:
-                    await asyncio.wait_for(self.serving.wait_release(adapter.name), timeout=0.2)
-                except TimeoutError:
-                    pass
+                    await asyncio.wait({waiter}, timeout=0.2)
+                finally:
+                    waiter.cancel()
 
     # ----------------------------------------------------------------- serving
     @asynccontextmanager

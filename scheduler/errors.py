@@ -26,6 +26,10 @@ class AdapterBusy(SchedulerError):
     """A second running job on one adapter, or a similar conflict."""
 
 
+class JobStateConflict(SchedulerError):
+    """The action does not apply to the job's current state (e.g. pausing a finished job)."""
+
+
 class NoCapacity(SchedulerError):
     """Not enough LoRA slots for what was asked."""
 

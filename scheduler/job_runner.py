@@ -79,6 +79,13 @@ class JobRun:
         )
 
     async def append_examples(self, runtime: Runtime, examples: Sequence) -> int:
+        expected = type(self.spec.examples[0])
+        if any(not isinstance(e, expected) for e in examples):
+            raise InvalidJobSpec("examples", f"this job's objective takes {expected.__name__} rows")
+        if hasattr(self.spec.objective, "options"):
+            num_classes = len(self.spec.objective.options)
+            if any(not 0 <= e.label < num_classes for e in examples):
+                raise InvalidJobSpec("examples.label", f"labels must be in [0, {num_classes})")
         encoded = await asyncio.to_thread(
             self.spec.objective.encode, runtime.binding.tokenizer, examples, runtime.binding.config.max_model_len
         )
@@ -102,7 +109,17 @@ def method_hyper(spec: JobSpec):
     try:
         return parse_hyper(spec.method, params)
     except InvalidHyperParameter as exc:
-        raise InvalidJobSpec(exc.field if exc.field == "method" else f"hyperparameters.{exc.field}", str(exc)) from exc
+        raise InvalidJobSpec(_http_field(exc.field), str(exc)) from exc
+
+
+# Where each method hyper-parameter lives in the HTTP job body.
+_COMMON_FIELDS = {"lr": "hyperparameters.learning_rate", "eps": "hyperparameters.eps",
+                  "num_directions": "hyperparameters.num_directions", "weight_decay": "hyperparameters.weight_decay",
+                  "method": "method"}
+
+
+def _http_field(field_name: str) -> str:
+    return _COMMON_FIELDS.get(field_name, f"method_params.{field_name}")
 
 
 def probe_slots_needed(spec: JobSpec) -> int:
@@ -110,15 +127,21 @@ def probe_slots_needed(spec: JobSpec) -> int:
     return 2 * q + 1 if spec.method == "zo-sgd-cons" else 2 * q
 
 
-async def _take_probe_slots(runtime: Runtime, count: int) -> tuple[int, ...]:
-    while True:
-        try:
-            return await runtime.host.take_slots(count)
-        except NoCapacity:
-            await runtime.slots.wait_change()
+def step_tokens(data: EncodedDataset, batch_size: int, num_probes: int) -> int:
+    """Scoring tokens one step submits (the planner's unit of work), estimated from the first examples."""
+    sample = data.sequences(range(min(len(data), 256)))
+    per_example = sum(len(seq.token_ids) for seq in sample) / max(1, min(len(data), 256))
+    return max(1, round(per_example * batch_size * num_probes))
 
 
-async def _evaluate(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, data: EncodedDataset, slot: int) -> EvalMetric:
+async def _evaluate(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, data: EncodedDataset) -> EvalMetric:
+    binding = runtime.binding
+    tokens = step_tokens(data, len(data), 1)
+    async with runtime.coscheduler.step(run.id, run.spec.weight, tokens, 1) as (slot,):
+        return await _score_eval(runtime, run, adapter, data, slot)
+
+
+async def _score_eval(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, data: EncodedDataset, slot: int) -> EvalMetric:
     binding = runtime.binding
     await binding.write_state(adapter.name, slot)
     salt = f"eval:{run.id}@{adapter.head}"
@@ -140,7 +163,6 @@ async def _evaluate(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, data:
 
 async def run_job(runtime: Runtime, run: JobRun) -> None:
     spec, host, binding = run.spec, runtime.host, runtime.binding
-    probe_slots: tuple[int, ...] = ()
     try:
         hyper = method_hyper(spec)
         method = build_method(spec.method, hyper)
@@ -152,8 +174,13 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
             else None
         )
         await host.create_if_missing(spec.adapter, spec.lora, spec.seed)
-        probe_slots = await _take_probe_slots(runtime, probe_slots_needed(spec))
-        adapter = await host.load(spec.adapter, (spec.method, hyper_items(hyper)))
+        while True:  # stay queued until the adapter's serving buffers fit
+            try:
+                adapter = await host.load(spec.adapter, (spec.method, hyper_items(hyper)))
+                break
+            except NoCapacity:
+                await runtime.slots.wait_change()
+        num_probes = probe_slots_needed(spec)
         if run.start_version is None:
             run.start_version = adapter.head
         run.step = max(0, adapter.head - run.start_version)
@@ -162,10 +189,13 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
             run.set_status(JobStatus.RUNNING, runtime)
         while run.step < spec.max_steps:
             await run.resume.wait()
-            outcome = await run_engine_step(
-                binding, adapter.name, run.data, method, hyper.lr, job_seed=spec.seed, step=run.step,
-                batch_size=spec.batch_size, slots=probe_slots, salt=f"probe:{run.id}@{adapter.head}",
-            )
+            tokens = step_tokens(run.data, spec.batch_size, num_probes)
+            paused = lambda: not run.resume.is_set()  # noqa: E731
+            async with runtime.coscheduler.step(run.id, spec.weight, tokens, num_probes, paused) as probe_slots:
+                outcome = await run_engine_step(
+                    binding, adapter.name, run.data, method, hyper.lr, job_seed=spec.seed, step=run.step,
+                    batch_size=spec.batch_size, slots=probe_slots, salt=f"probe:{run.id}@{adapter.head}",
+                )
             version = await host.commit_step(adapter, outcome, method, hyper)
             run.step += 1
             run.last_loss = outcome.loss
@@ -182,9 +212,9 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
             run.save_progress(runtime)
             await host.publish(adapter)
             if eval_data is not None and spec.eval_every and run.step % spec.eval_every == 0:
-                await _evaluate(runtime, run, adapter, eval_data, probe_slots[0])
+                await _evaluate(runtime, run, adapter, eval_data)
         if eval_data is not None and not (spec.eval_every and run.step % spec.eval_every == 0):
-            await _evaluate(runtime, run, adapter, eval_data, probe_slots[0])
+            await _evaluate(runtime, run, adapter, eval_data)
         await host.snapshot_head(adapter)
         await host.publish_when_idle(adapter)
         run.set_status(JobStatus.SUCCEEDED, runtime)
@@ -197,6 +227,4 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
         run.event("error", run.error)
         run.set_status(JobStatus.FAILED, runtime, run.error)
     finally:
-        if probe_slots:
-            await runtime.slots.give_back(probe_slots)
         await host.release_training(spec.adapter)

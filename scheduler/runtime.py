@@ -13,13 +13,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from adapters_store import AdapterNotFound, AdapterStore, RecordKind, parse_address
 from scheduler.adapter_host import AdapterHost, SlotPool
+from scheduler.coscheduler import CoScheduler, CoSchedulerConfig
 from scheduler.engine.binding import EngineBinding
-from scheduler.errors import AdapterBusy, InvalidJobSpec, JobNotFound
+from scheduler.errors import AdapterBusy, InvalidJobSpec, JobNotFound, JobStateConflict
 from scheduler.job_journal import JobJournal
 from scheduler.job_runner import JobRun, method_hyper, probe_slots_needed, run_job
 from scheduler.jobs import AdapterView, EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric, VersionView
@@ -44,6 +46,28 @@ class NullObserver:
     def on_job_status(self, job_id: str, adapter: str, status: JobStatus) -> None: ...
 
 
+@dataclass(frozen=True)
+class RuntimeStats:
+    """Point-in-time gauges for metrics: slots by use, queues, and the co-scheduler's controller."""
+
+    slots_probe: int
+    slots_serving: int
+    slots_pinned: int  # slots holding an exact `name@version`
+    slots_free: int
+    user_waiting: int  # user requests without a first token yet
+    user_running: int
+    zo_waiting: int  # steps waiting for a grant
+    zo_inflight: int  # steps granted and running
+    train_budget_tokens: int | None
+    user_latency_s: float | None  # the measured TTFT p95 the controller acts on
+    target_latency_s: float
+
+
+def _require_active(run: JobRun, action: str) -> None:
+    if run.status.is_final:
+        raise JobStateConflict(f"cannot {action} job {run.id}: it is {run.status.value}")
+
+
 class Runtime:
     def __init__(
         self,
@@ -52,18 +76,23 @@ class Runtime:
         journal_dir: Path,
         *,
         observer: RuntimeObserver | None = None,
+        coscheduling: CoSchedulerConfig | None = None,
     ):
         self.binding = binding
         self.store = store
         self.observer = observer or NullObserver()
         self.slots = SlotPool(binding.slot_ids)
         self.host = AdapterHost(binding, store, self.slots)
+        self.coscheduler = CoScheduler(
+            coscheduling or CoSchedulerConfig(), self.slots, binding.slot_ids, self.host.serving_slots, self.host.reclaim_slot
+        )
         self.journal = JobJournal(journal_dir)
         self._jobs: dict[str, JobRun] = {}
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Resume the jobs a previous runtime left active, each from its adapter's head."""
+        """Start the co-scheduler; resume the jobs a previous runtime left active, each from its adapter's head."""
+        self.coscheduler.start()
         for job_id, spec, progress in self.journal.load_all():
             run = JobRun(job_id, spec, progress.created_at, start_version=progress.start_version)
             run.step, run.last_loss, run.error, run.status = progress.step, progress.last_loss, progress.error, progress.status
@@ -83,6 +112,7 @@ class Runtime:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.coscheduler.stop()
 
     def _launch(self, run: JobRun) -> None:
         run.task = asyncio.create_task(run_job(self, run), name=f"zo-job-{run.id}")
@@ -170,6 +200,7 @@ class Runtime:
 
     def pause(self, job_id: str) -> JobView:
         run = self._get(job_id)
+        _require_active(run, "pause")
         if run.status in (JobStatus.RUNNING, JobStatus.QUEUED):
             run.resume_requested = False
             run.resume.clear()
@@ -178,6 +209,7 @@ class Runtime:
 
     def resume(self, job_id: str) -> JobView:
         run = self._get(job_id)
+        _require_active(run, "resume")
         if run.status is JobStatus.PAUSED:
             run.resume_requested = True
             run.resume.set()
@@ -186,6 +218,7 @@ class Runtime:
 
     async def cancel(self, job_id: str) -> JobView:
         run = self._get(job_id)
+        _require_active(run, "cancel")
         if not run.status.is_final and run.task is not None:
             run.task.cancel()
             await asyncio.gather(run.task, return_exceptions=True)
@@ -197,6 +230,25 @@ class Runtime:
         if run is None:
             raise JobNotFound(f"adapter {adapter!r} has no active job to feed")
         return await run.append_examples(self, examples)
+
+    def stats(self) -> RuntimeStats:
+        serving = self.host.serving_slots()
+        pinned = sum(1 for _, owner, _ in serving if "@" in owner)
+        co = self.coscheduler.snapshot()
+        record = self.coscheduler.latest_record
+        return RuntimeStats(
+            slots_probe=co.num_probe_slots,
+            slots_serving=len(serving) - pinned,
+            slots_pinned=pinned,
+            slots_free=self.slots.num_free,
+            user_waiting=co.num_user_waiting,
+            user_running=co.num_user_running,
+            zo_waiting=co.num_steps_waiting,
+            zo_inflight=co.num_steps_in_flight,
+            train_budget_tokens=record.budget_tokens if record else self.coscheduler.initial_budget_tokens,
+            user_latency_s=co.ttft_p95_ms / 1000.0 if co.ttft_p95_ms is not None else None,
+            target_latency_s=self.coscheduler.config.target_ttft_ms / 1000.0,
+        )
 
     # ----------------------------------------------------------------- adapters
     async def _adapter_view(self, name: str) -> AdapterView:
@@ -243,6 +295,11 @@ class Runtime:
     def served_adapters(self) -> list[str]:
         """Adapters currently loaded in serving slots."""
         return self.host.serving.adapters()
+
+    def user_request(self, num_prompt_tokens: int):
+        """Wrap every user generation: `async with runtime.user_request(n) as r:` and call `r.first_token()`
+        when the first token arrives. Its time-to-first-token is what the co-scheduler keeps within target."""
+        return self.coscheduler.user_request(num_prompt_tokens)
 
     @asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[ServingLease]:

@@ -91,5 +91,10 @@ class ServingTable:
         buf.versions[index] = version
         buf.live = index
 
+    def slot_usage(self, adapter: str) -> list[tuple[int, int]]:
+        """(slot, requests in flight) of both buffers of `adapter`."""
+        buf = self._buffers[adapter]
+        return list(zip(buf.slots, buf.inflight))
+
     def inflight(self, adapter: str) -> int:
         return sum(self._buffers[adapter].inflight)

@@ -49,6 +49,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (sched.JobNotFound, 404),
     (sched.AdapterNotServed, 404),
     (sched.AdapterBusy, 409),
+    (sched.JobStateConflict, 409),
     (sched.NoCapacity, 503),
     (store.InvalidArgument, 422),
     (store.AdapterNotFound, 404),

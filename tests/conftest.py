@@ -43,12 +43,12 @@ def llama_model_dir() -> str:
 
 @pytest.fixture(scope="session")
 async def engine(opt_model_dir, tmp_path_factory):
-    """The session's engine binding (tiny OPT, fp32, 8 slots). Tests must drop the states they create."""
+    """The session's engine binding (tiny OPT, fp32, 10 slots: 9 pinned + 1 for PEFT-dir loads). Tests must drop the states they create."""
     from scheduler.engine.binding import EngineBinding
     from scheduler.engine.config import EngineConfig
 
     binding = await EngineBinding.start(
-        EngineConfig(model=opt_model_dir, num_slots=8), tmp_path_factory.mktemp("engine")
+        EngineConfig(model=opt_model_dir, num_slots=10), tmp_path_factory.mktemp("engine")
     )
     yield binding
     binding.shutdown()

@@ -50,7 +50,8 @@ class Generation:
         ttft_s, final = None, None
         self._inflight[0] += 1
         try:
-            async with self._stack:
+            # The co-scheduler sizes the ZO budget from these requests' time to first token.
+            async with self._stack, self._runtime.user_request(len(self.prompt_ids)) as tracked:
                 async for chunk in self._runtime.binding.generate(
                     self.prompt_ids,
                     max_tokens=self._max_tokens,
@@ -64,6 +65,8 @@ class Generation:
                 ):
                     if ttft_s is None and chunk.token_ids:
                         ttft_s = time.perf_counter() - self._started
+                        tracked.first_token()
+                    tracked.num_output_tokens = len(chunk.token_ids)
                     final = chunk
                     yield chunk
         finally:
