@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import random
@@ -642,6 +643,7 @@ def main() -> None:
         args.zo_warmup_steps, args.pause_s, args.rolling_window_s = 1, 0.5, 2.0
     logging.basicConfig(level=logging.WARNING)
     result, raw = asyncio.run(asyncio.wait_for(run(args), 3600))
+    gc.collect()  # finalise the shut-down engine now, not during interpreter teardown (noisy there)
     if args.plot:
         plot(Path(args.plot), raw.phases["users"][0], raw.phases, raw.samples, raw.steps_by_job, raw.runtime_rows, args.rolling_window_s)
     if args.raw_out:
