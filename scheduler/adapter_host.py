@@ -173,8 +173,8 @@ class AdapterHost:
     def serving_slots(self) -> list[tuple[int, str, int]]:
         """(slot, owner key, requests in flight) of every slot serving an adapter or a pinned version."""
         rows = []
-        for name in self.loaded:
-            rows += [(slot, name, n) for slot, n in self.serving.slot_usage(name)]
+        for name in self.loaded:  # the two buffers of a double buffer are distinct residents
+            rows += [(slot, f"{name}#buffer{i}", n) for i, (slot, n) in enumerate(self.serving.slot_usage(name))]
         rows += [(entry.slot, f"{name}@{version}", entry.users) for (name, version), entry in self._version_slots.items()]
         return rows
 

@@ -10,6 +10,7 @@ whenever something changes, and otherwise every `round_interval_s`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +32,8 @@ from scheduler.planning import (
     percentile_ms,
     plan_round,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,10 @@ class CoScheduler:
         self, job_id: str, weight: float, num_tokens: int, num_slots: int, is_paused: Callable[[], bool] = lambda: False
     ) -> AsyncIterator[tuple[int, ...]]:
         """Wait for the planner to grant this job's next step; yields the probe slots it may write."""
-        demand = _Demand(job_id, weight, max(1, num_tokens), num_slots, is_paused)
+        # A step larger than the whole budget could never be admitted: count it as the maximum, so the
+        # planner lets it run alone when nothing else is in flight.
+        num_tokens = min(max(1, num_tokens), self.config.max_tokens_in_flight)
+        demand = _Demand(job_id, weight, num_tokens, num_slots, is_paused)
         self._waiting[job_id] = demand
         self._wake.set()
         try:
@@ -251,9 +257,17 @@ class CoScheduler:
     async def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            if self._waiting and self.plan_once() and self._reclaim_slot is not None:
-                if await self._reclaim_slot():
+            try:
+                short_of_slots = bool(self._waiting) and self.plan_once()
+                if short_of_slots and self._reclaim_slot is not None and await self._reclaim_slot():
                     continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a planning bug must fail the waiting steps loudly, not hang them
+                log.exception("co-scheduler round failed")
+                for demand in self._waiting.values():
+                    if not demand.granted.done():
+                        demand.granted.set_exception(RuntimeError(f"co-scheduler round failed: {exc!r}"))
             # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a cancellation that races
             # with the inner wait finishing, and the loop would never stop.
             waiter = asyncio.ensure_future(self._wake.wait())

@@ -35,7 +35,7 @@ class JobSpec:
     max_steps: int = 100
     seed: int = 0
     weight: float = 1.0  # fair-share weight against other jobs
-    method: str = "mezo"  # a name in scheduler.zo.methods.REGISTRY
+    method: str = "mezo-sgd"  # a name in scheduler.zo.methods.REGISTRY
     method_params: tuple[tuple[str, float], ...] = ()  # method-specific hyper-parameters (momentum, ν, rank…)
     eval_examples: tuple[LabelledText, ...] | tuple[PromptCompletion, ...] = ()
     eval_every: int = 0  # steps between evaluations on eval_examples (0: only at the end, if any)

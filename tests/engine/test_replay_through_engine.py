@@ -18,7 +18,9 @@ from scheduler.zo.methods import build_method, hyper_items, parse_hyper
 SHAPE = LoraShape(4, 8.0, ("q_proj", "v_proj"))
 
 
-async def _train_and_check(engine, store, method_name: str, params: dict, num_steps: int, checkpoints: set[int]) -> None:
+async def _train_and_check(
+    engine, store, method_name: str, params: dict, num_steps: int, checkpoints: set[int], export_dir=None
+) -> None:
     name = f"replay-{method_name}-{uuid.uuid4().hex[:6]}"
     slots = SlotPool(engine.slot_ids)
     host = AdapterHost(engine, store, slots)
@@ -46,6 +48,14 @@ async def _train_and_check(engine, store, method_name: str, params: dict, num_st
             for key in buffers:
                 assert torch.equal(state.optimizer_state[key], buffers[key]), f"buffer differs at {version}: {key}"
         assert await store.resolve(name, "latest") == num_steps
+        if export_dir is not None:  # the head exported from the store loads in vLLM like the engine's state
+            sequences = data.sequences(range(6))
+            await engine.write_state(name, probe_slots[0])
+            in_engine = await engine.score(sequences, probe_slots[0], salt=f"export-check:{name}")
+            exported = await host.export(name, "latest", export_dir)
+            from_vllm = await engine.score_peft_dir(sequences, exported)
+            worst = max(abs(a - b) for x, y in zip(in_engine, from_vllm) for a, b in zip(x.logprobs, y.logprobs))
+            assert worst <= 1e-5, f"store export differs from the engine by {worst:.2e}"
     finally:
         await engine.drop_state(name)
         await slots.give_back(probe_slots)
@@ -57,7 +67,7 @@ async def test_200_mezo_steps_replay_bitwise(engine, redis_url, tmp_path, backen
     url = redis_url if backend == "redis" else None
     store = open_store(url, tmp_path / "store", key_prefix=f"zoserve:test:{uuid.uuid4().hex[:8]}:", snapshot_every=50)
     try:
-        await _train_and_check(engine, store, "mezo-sgd", {}, 200, {1, 37, 50, 51, 199, 200})
+        await _train_and_check(engine, store, "mezo-sgd", {}, 200, {1, 37, 50, 51, 199, 200}, tmp_path / "export")
     finally:
         await store.close()
 
