@@ -169,8 +169,12 @@ async def test_job_lifecycle_pause_resume_events_and_metrics(admin, client):
     assert len(metrics["evals"]) >= 8 and all(0 <= e["accuracy"] <= 1 for e in metrics["evals"])
     assert metrics["steps_per_s"] > 0
 
-    # Pause/resume/cancel of a finished job leave it as it is.
-    assert (await admin.post(f"/v1/jobs/{job_id}/cancel")).json()["status"] == "succeeded"
+    # Pause/resume/cancel of a finished job: 409, and the job stays as it is.
+    for action in ("cancel", "pause", "resume"):
+        conflict = await admin.post(f"/v1/jobs/{job_id}/{action}")
+        assert conflict.status_code == 409, conflict.text
+        assert "cannot" in conflict.json()["error"]["message"]
+    assert (await admin.get(f"/v1/jobs/{job_id}")).json()["status"] == "succeeded"
 
     # The finished adapter is served, at its head, and each version can be pinned.
     latest = (await client.post("/v1/completions", json={"model": "api-life", "prompt": "it was", "max_tokens": 2})).json()
@@ -189,7 +193,8 @@ async def test_cancel_and_list_pagination(admin):
         await wait_for_job(admin, ids[-1], lambda j: j["step"] >= 1)
         cancelled = await admin.post(f"/v1/jobs/{ids[-1]}/cancel")
         assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-    assert (await admin.post(f"/v1/jobs/{ids[0]}/resume")).json()["status"] == "cancelled"
+    assert (await admin.post(f"/v1/jobs/{ids[0]}/resume")).status_code == 409
+    assert (await admin.get(f"/v1/jobs/{ids[0]}")).json()["status"] == "cancelled"
     events = (await admin.get(f"/v1/jobs/{ids[0]}/events")).json()["data"]
     assert events[-1]["status"] == "cancelled"
 
