@@ -619,7 +619,7 @@ def main() -> None:
     parser.add_argument("--load-fraction", type=float, default=0.3)
     parser.add_argument("--requests-per-phase", type=int, default=600)
     parser.add_argument("--min-phase-s", type=float, default=60.0)
-    parser.add_argument("--max-phase-s", type=float, default=150.0)
+    parser.add_argument("--max-phase-s", type=float, default=100.0)
     parser.add_argument("--calibrate-s", type=float, default=20.0)
     parser.add_argument("--calibrate-warmup-s", type=float, default=4.0)
     parser.add_argument("--calibrate-concurrency", type=int, default=32)
