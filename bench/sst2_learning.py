@@ -127,6 +127,7 @@ def run_first_order(args, model_dir: str, layout, theta0, train: list[LabelledTe
         run.step_losses.append(outcome.loss)
         run.num_steps += 1
         run.train_s += outcome.duration_s
+    run.evals.append(_fo_eval(trainer, dev, run))
     run.wall_s = time.perf_counter() - started
     return run, trainer.state()
 
