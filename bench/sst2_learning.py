@@ -47,18 +47,19 @@ THETA_SEED = 5
 OBJECTIVE = ClassificationObjective(template="{text} it was")
 MAX_LEN = 128
 
-# Per-method hyper-parameters (q = 1 unless --q; ε = 1e-2, MeZO's LoRA setting). The momentum methods take
-# 1/10 of the SGD lr because a β = 0.9 buffer sums ~10 estimates; sign and Adam steps are ~lr per coordinate
-# whatever the gradient's scale, so they take their own.
+# Per-method hyper-parameters (q = 1 unless --q; ε = 1e-2, MeZO's LoRA setting). The SGD-type methods share
+# one lr: LoZO's 1/k weight makes its step the size of MeZO's, and LoZO-M's momentum is an average (1 − β
+# dampening). ZO-SGD-MMT's torch-style buffer sums ~1/(1 − β) = 10 estimates, so it takes a tenth. Sign and
+# Adam steps are ~lr per coordinate whatever the gradient's scale, so they take their own.
 METHOD_PARAMS: dict[str, dict[str, float]] = {
-    "mezo-sgd": {"lr": 1e-2},
-    "zo-sgd-sign": {"lr": 2e-4},
-    "zo-sgd-mmt": {"lr": 1e-3, "momentum": 0.9},
+    "mezo-sgd": {"lr": 2e-3},
+    "zo-sgd-sign": {"lr": 1e-4},
+    "zo-sgd-mmt": {"lr": 2e-4, "momentum": 0.9},
     "zo-adam": {"lr": 1e-3},
-    "zo-sgd-cons": {"lr": 1e-2},
-    "lozo": {"lr": 1e-2, "rank": 2, "basis_interval": 50},
-    "lozo-m": {"lr": 1e-2, "rank": 2, "basis_interval": 50, "momentum": 0.9},
-    "kerzoo": {"lr": 1e-2},
+    "zo-sgd-cons": {"lr": 2e-3},
+    "lozo": {"lr": 2e-3, "rank": 2, "basis_interval": 50},
+    "lozo-m": {"lr": 2e-3, "rank": 2, "basis_interval": 50, "momentum": 0.9},
+    "kerzoo": {"lr": 2e-3},
 }
 
 

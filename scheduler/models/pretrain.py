@@ -167,7 +167,7 @@ def pretrain(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
         optimiser.step()
-        recent = (recent + [float(loss)])[-20:]
+        recent = (recent + [loss.item()])[-20:]
         if step % 25 == 0 or step == spec.num_steps - 1:
             elapsed = time.perf_counter() - started
             log(f"pretrain step {step + 1}/{spec.num_steps} loss {sum(recent) / len(recent):.3f} ({elapsed:.0f} s)")
