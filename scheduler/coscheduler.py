@@ -218,8 +218,8 @@ class CoScheduler:
             elif slot in serving:
                 owner, in_flight = serving[slot]
                 slots.append(SlotOccupancy(self._index[slot], SlotKind.SERVING, owner, in_flight, now))
-            else:  # taken by the adapter host and not registered yet: never hand it out
-                slots.append(SlotOccupancy(self._index[slot], SlotKind.SERVING, "__reserved__", 1, now))
+            else:  # taken by the adapter host and not registered yet: never hand it out (one owner per slot)
+                slots.append(SlotOccupancy(self._index[slot], SlotKind.SERVING, f"__reserved__#{slot}", 1, now))
         # Serving slots belong to the adapter host (it evicts idle adapters itself): pinned here.
         owners = sorted({s.owner for s in slots if s.kind is SlotKind.SERVING})
         demands = tuple(ServingDemand(owner, is_pinned=True) for owner in owners)

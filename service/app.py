@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from adapters_store import open_store
+from scheduler.coscheduler import CoSchedulerConfig
 from scheduler.engine.binding import EngineBinding
 from scheduler.engine.config import EngineConfig
 from scheduler.runtime import Runtime
@@ -46,6 +47,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         target_modules=tuple(settings.target_modules),
         kv_cache_gib=settings.kv_cache_gib,
         max_model_len=settings.max_model_len,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
     )
 
 
@@ -59,7 +61,16 @@ def create_app(settings: Settings | None = None, binding: EngineBinding | None =
         data_dir = Path(settings.data_dir)
         engine = binding or await EngineBinding.start(engine_config(settings), data_dir / "engine")
         store = open_store(settings.redis_url, settings.store_dir, snapshot_every=settings.snapshot_every)
-        runtime = Runtime(engine, store, data_dir / "journal", observer=telemetry.MetricsObserver(app.state.metrics))
+        runtime = Runtime(
+            engine,
+            store,
+            data_dir / "journal",
+            observer=telemetry.MetricsObserver(app.state.metrics),
+            coscheduling=CoSchedulerConfig(
+                target_ttft_ms=settings.coscheduler_target_ttft_ms,
+                max_tokens_in_flight=settings.coscheduler_max_tokens_in_flight,
+            ),
+        )
         app.state.runtime = runtime
         if settings.is_open:
             log.warning("No API keys configured: the control and data planes are OPEN to anyone who can connect.")

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     target_modules: StringList = ["q_proj", "v_proj"]
     kv_cache_gib: float = 1.0
     max_model_len: int = 512
+    max_num_batched_tokens: int = Field(4096, ge=64)
+    # The user time-to-first-token p95 the co-scheduler keeps ZO work under.
+    coscheduler_target_ttft_ms: float = Field(500.0, gt=0)
+    coscheduler_max_tokens_in_flight: int = Field(8192, ge=1)
     data_dir: Path = Path(".zoserve")
     redis_url: str | None = None
     # Full adapter snapshot every N committed versions (replay covers the ones between).

@@ -70,3 +70,27 @@ async def test_unknown_model_and_job_are_404(client):
     reply = await client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     assert reply.status_code == 404 and reply.json()["error"]["param"] == "model"
     assert (await client.get("/v1/jobs/job-missing")).status_code == 404
+
+
+async def test_two_jobs_train_at_once_and_both_adapters_are_served(client):
+    ids = []
+    for name in ("duo-a", "duo-b"):
+        created = await client.post("/v1/jobs", json=_job_body(name, max_steps=12))
+        assert created.status_code == 201, created.text
+        ids.append(created.json()["id"])
+    overlap = False
+    for _ in range(600):  # both running and stepping at the same moment, bounded
+        jobs = [(await client.get(f"/v1/jobs/{job_id}")).json() for job_id in ids]
+        if all(j["status"] == "running" and 1 <= j["step"] < 12 for j in jobs):
+            overlap = True
+            break
+        await asyncio.sleep(0.05)
+    assert overlap, "the two jobs never trained at the same time"
+    replies = await asyncio.gather(
+        *(client.post("/v1/completions", json={"model": m, "prompt": "it was", "max_tokens": 3}) for m in ("duo-a", "duo-b"))
+    )
+    assert [r.status_code for r in replies] == [200, 200]
+    assert [r.json()["system_fingerprint"].split("@")[0] for r in replies] == ["zoserve:duo-a", "zoserve:duo-b"]
+    for job_id in ids:
+        done = await _wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed"))
+        assert done["status"] == "succeeded" and done["step"] == 12, done

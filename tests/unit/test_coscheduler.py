@@ -65,3 +65,14 @@ async def test_weighted_jobs_share_steps():
         await co.stop()
     share = counts["heavy"] / sum(counts.values())
     assert 0.55 <= share <= 0.8, counts
+
+
+async def test_slots_taken_but_not_yet_serving_are_never_granted():
+    co, pool = _make()
+    held = pool.take(2)  # an adapter load between taking its buffers and registering them
+    co.start()
+    try:
+        async with asyncio.timeout(10), co.step("job-a", 1.0, 100, 2) as slots:
+            assert not set(slots) & set(held)
+    finally:
+        await co.stop()
