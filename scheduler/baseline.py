@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduler.engine_step import StepOutcome, pair_grads, two_point_losses
+from scheduler.engine_step import StepOutcome, step_outcome
 from scheduler.objectives import EncodedClassification, EncodedDataset
 from scheduler.sampling import batch_indices
 from scheduler.scoring import ScoringSequence, SequenceScores
@@ -255,20 +255,9 @@ class BaselineZoTrainer:
         record = finish_step(method, seeds, losses, lr)
         apply_record(method, self.train_state, self.layout, record)
         self.lora.load(self.train_state.theta)
-        pairs = two_point_losses(losses, method)
-        sequences = data.sequences(batch)
-        return StepOutcome(
-            step=step,
-            seeds=seeds.as_tuple(),
-            batch=tuple(batch),
-            losses=losses,
-            loss=sum(pairs) / len(pairs),
-            projected_grads=pair_grads(pairs, method.eps),
-            coeffs=record.coeffs,
-            lr=record.lr,
-            num_sequences=num_sequences,
-            num_tokens=num_sequences // max(1, len(sequences)) * sum(len(s.token_ids) for s in sequences),
-            duration_s=time.perf_counter() - started,
+        return step_outcome(
+            method, step=step, seeds=seeds, batch=batch, sequences=data.sequences(batch), losses=losses,
+            record=record, num_sequences=num_sequences, started=started,
         )
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from scheduler.engine.binding import PROBE_PRIORITY, EngineBinding
 from scheduler.objectives import EncodedDataset
 from scheduler.sampling import batch_indices
-from scheduler.zo.zo_step import ZoMethod, finish_step, next_probes, probes_to_wire
+from scheduler.zo.zo_step import StepRecord, StepSeeds, ZoMethod, finish_step, next_probes, probes_to_wire
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,36 @@ class StepOutcome:
     @property
     def projected_grad_norm(self) -> float:
         return math.sqrt(sum(g * g for g in self.projected_grads))
+
+
+def step_outcome(
+    method: ZoMethod,
+    *,
+    step: int,
+    seeds: StepSeeds,
+    batch: Sequence[int],
+    sequences: Sequence,
+    losses: tuple[float, ...],
+    record: StepRecord,
+    num_sequences: int,
+    started: float,
+) -> StepOutcome:
+    """The outcome record of a finished step; the engine path and the baseline loop report alike."""
+    pairs = two_point_losses(losses, method)
+    tokens_per_group = sum(len(s.token_ids) for s in sequences)
+    return StepOutcome(
+        step=step,
+        seeds=seeds.as_tuple(),
+        batch=tuple(batch),
+        losses=losses,
+        loss=sum(pairs) / len(pairs),
+        projected_grads=pair_grads(pairs, method.eps),
+        coeffs=record.coeffs,
+        lr=record.lr,
+        num_sequences=num_sequences,
+        num_tokens=num_sequences // max(1, len(sequences)) * tokens_per_group,
+        duration_s=time.perf_counter() - started,
+    )
 
 
 def two_point_losses(losses: Sequence[float], method: ZoMethod) -> Sequence[float]:
@@ -84,17 +114,7 @@ async def run_engine_step(
         num_sequences += len(round_slots) * len(sequences)
     record = finish_step(method, seeds, losses, lr)
     await binding.apply_step(key, step, seeds.as_tuple(), record.coeffs, record.lr)
-    pairs = two_point_losses(losses, method)
-    return StepOutcome(
-        step=step,
-        seeds=seeds.as_tuple(),
-        batch=tuple(batch),
-        losses=losses,
-        loss=sum(pairs) / len(pairs),
-        projected_grads=pair_grads(pairs, method.eps),
-        coeffs=record.coeffs,
-        lr=record.lr,
-        num_sequences=num_sequences,
-        num_tokens=num_sequences // max(1, len(sequences)) * sum(len(s.token_ids) for s in sequences),
-        duration_s=time.perf_counter() - started,
+    return step_outcome(
+        method, step=step, seeds=seeds, batch=batch, sequences=sequences, losses=losses, record=record,
+        num_sequences=num_sequences, started=started,
     )

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from scheduler.engine_step import StepOutcome, run_engine_step
+from scheduler.engine_step import run_engine_step
 from scheduler.errors import InvalidJobSpec, NoCapacity
 from scheduler.job_journal import JobProgress
 from scheduler.jobs import EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric
@@ -46,7 +46,6 @@ class JobRun:
     events: list[JobEvent] = field(default_factory=list)
     step_metrics: deque[StepMetric] = field(default_factory=lambda: deque(maxlen=100_000))
     eval_metrics: list[EvalMetric] = field(default_factory=list)
-    outcomes: deque[StepOutcome] = field(default_factory=lambda: deque(maxlen=1000))
     resume: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
@@ -135,7 +134,6 @@ def step_tokens(data: EncodedDataset, batch_size: int, num_probes: int) -> int:
 
 
 async def _evaluate(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, data: EncodedDataset) -> EvalMetric:
-    binding = runtime.binding
     tokens = step_tokens(data, len(data), 1)
     async with runtime.coscheduler.step(run.id, run.spec.weight, tokens, 1) as (slot,):
         return await _score_eval(runtime, run, adapter, data, slot)
@@ -199,7 +197,6 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
             version = await host.commit_step(adapter, outcome, method, hyper)
             run.step += 1
             run.last_loss = outcome.loss
-            run.outcomes.append(outcome)
             metric = StepMetric(
                 run.step, version, outcome.loss, outcome.projected_grad_norm, outcome.duration_s, time.time(),
                 outcome.num_sequences, outcome.num_tokens,

@@ -195,9 +195,6 @@ class Runtime:
         run = self._get(job_id)
         return list(run.step_metrics), list(run.eval_metrics)
 
-    def job_history(self, job_id: str):
-        return list(self._get(job_id).outcomes)
-
     def pause(self, job_id: str) -> JobView:
         run = self._get(job_id)
         _require_active(run, "pause")
@@ -291,10 +288,6 @@ class Runtime:
     # ----------------------------------------------------------------- serving
     async def served_models(self) -> list[str]:
         return sorted(await self.store.list_adapters())
-
-    def served_adapters(self) -> list[str]:
-        """Adapters currently loaded in serving slots."""
-        return self.host.serving.adapters()
 
     def user_request(self, num_prompt_tokens: int):
         """Wrap every user generation: `async with runtime.user_request(n) as r:` and call `r.first_token()`

@@ -180,9 +180,6 @@ class EngineBinding:
         theta_wire, buffers_wire = await self._rpc("zo_get_state", key)
         return tensors_from_wire(theta_wire), tensors_from_wire(buffers_wire) if buffers_wire else {}
 
-    async def has_state(self, key: str) -> bool:
-        return bool(await self._rpc("zo_has_state", key))
-
     async def drop_state(self, key: str) -> None:
         await self._rpc("zo_drop_state", key)
 
@@ -270,9 +267,3 @@ class EngineBinding:
                 completion.finish_reason,
                 len(output.prompt_token_ids or ()),
             )
-
-    async def abort(self, request_id: str) -> None:
-        await self._engine.abort(request_id)
-
-    async def check_health(self) -> None:
-        await self._engine.check_health()

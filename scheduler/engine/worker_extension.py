@@ -170,9 +170,6 @@ class ZOWorkerExtension:
     def zo_drop_state(self, key: str) -> bool:
         return self._zo_states().pop(key, None) is not None
 
-    def zo_has_state(self, key: str) -> bool:
-        return key in self._zo_states()
-
     def zo_get_state(self, key: str) -> tuple[bytes, bytes]:
         state = self._zo_states()[key].state
         return tensors_to_wire(state.theta), tensors_to_wire(state.buffers) if state.buffers else b""
