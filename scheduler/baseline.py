@@ -36,6 +36,7 @@ from scheduler.zo.zo_step import (
     init_state,
     materialise_probes,
     next_probes,
+    step_base,
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -226,6 +227,9 @@ class BaselineZoTrainer:
         theta = self.train_state.theta
         losses = []
         if all(_two_point(p) is not None for p in probes):
+            base = step_base(self.method.perturbation, theta, self.layout, seeds)  # lozo-bank: a window entered
+            if base is not theta:
+                self.lora.load(base)
             # The round's directions, regenerated once: q θ-sized tensors, small for a LoRA adapter.
             directions = {spec.name: ds for spec, ds in self.method.perturbation.stream(self.layout, seeds)}
             for probe in probes:
@@ -234,7 +238,7 @@ class BaselineZoTrainer:
                     for name, param in self.lora.params.items():
                         param.add_(directions[name][index].to(param.dtype), alpha=scale)
                 losses.append(data.score_batch(batch, self.lora.score(sequences)).loss)
-                self.lora.load(theta)
+                self.lora.load(base)
         else:
             for state in materialise_probes(theta, self.layout, self.method.perturbation, seeds, probes):
                 self.lora.load(state)

@@ -10,9 +10,12 @@
 | `lozo`        | Uᵢ·Vᵀ, V every ν steps         | 2q            | SGD                             | —         |
 | `lozo-m`      | Uᵢ·Vᵀ, V every ν steps         | 2q            | momentum in U-space             | lozo_m    |
 | `kerzoo`      | z at ±ε·rᵢ, weighted K(rᵢ)     | 2q            | MeZO-SGD                        | —         |
+| `lozo-bank`   | ΔW = B·A ± ε·UᵢVᵀ, V per ν     | 2q            | SGD on a rank-k window of ΔW    | —         |
 
 Papers: ZO-Bench (Zhang et al., ICML 2024) for the zo-* rows, see `optimisers.py` and `zo_step.next_probes`;
-LoZO (Chen et al., 2024) in `lozo.py`; KerZOO (Mi et al., 2025) in `kerzoo.py`; MeZO (Malladi et al., 2023).
+LoZO (Chen et al., 2024) in `lozo.py`; the LoZO update bank
+(window frozen into a bank every ν steps, re-compressed by truncated SVD past the adapter's rank) in
+`lozo_bank.py`; KerZOO (Mi et al., 2025) in `kerzoo.py`; MeZO (Malladi et al., 2023).
 
 Block scales and sparse masks are per-job artifacts (loaded by the server from its own storage, never from a
 caller's path) passed to `build_method`; they apply to the Gaussian-direction methods. Hyper-parameters are
@@ -32,6 +35,7 @@ import torch
 from scheduler.zo.gaussian import GaussianPerturbation
 from scheduler.zo.kerzoo import KernelPerturbation
 from scheduler.zo.lozo import LowRankPerturbation, LozoMomentum
+from scheduler.zo.lozo_bank import BankPerturbation, BankSgd
 from scheduler.zo.optimisers import Adam, MezoSgd, MomentumSgd, Sgd, SignSgd
 from scheduler.zo.zo_step import ZoMethod
 
@@ -136,6 +140,23 @@ class LozoHyper:  # lozo, lozo-m (momentum is read by lozo-m only)
 
 
 @dataclass(frozen=True)
+class LozoBankHyper:  # lozo-bank; rank k must be below the adapter's LoRA rank (checked on the layout)
+    lr: float = 1e-4
+    eps: float = 1e-3
+    num_directions: int = 1
+    weight_decay: float = 0.0  # must be 0: decaying θ would shrink the window's V rows, not ΔW
+    rank: int = 2
+    basis_interval: int = 50
+
+    def __post_init__(self) -> None:
+        _common(self)
+        if self.weight_decay:
+            raise InvalidHyperParameter("weight_decay", "must be 0 for lozo-bank")
+        _count(self.rank, "rank", 1, 4096)
+        _count(self.basis_interval, "basis_interval", 1, 2**31)
+
+
+@dataclass(frozen=True)
 class DirectionArtifacts:
     block_scales: Mapping[str, float] | None = None  # normalised (`block_scales.normalise_scales`)
     mask: Mapping[str, torch.Tensor] | None = None  # bool per tensor (`sparse_mask.topk_mask`)
@@ -195,6 +216,11 @@ def _build_lozo_m(h: LozoHyper, a: DirectionArtifacts) -> ZoMethod:
     return _method("lozo-m", h, LowRankPerturbation(h.rank, h.basis_interval), optimiser)
 
 
+def _build_lozo_bank(h: LozoBankHyper, a: DirectionArtifacts) -> ZoMethod:
+    _no_artifacts("lozo-bank", a)
+    return _method("lozo-bank", h, BankPerturbation(h.rank, h.basis_interval), BankSgd())
+
+
 def _build_kerzoo(h: SgdHyper, a: DirectionArtifacts) -> ZoMethod:
     _no_artifacts("kerzoo", a)
     return _method("kerzoo", h, KernelPerturbation(), MezoSgd(h.weight_decay))
@@ -215,6 +241,7 @@ REGISTRY: dict[str, MethodEntry] = {
     "lozo": MethodEntry(LozoHyper, _build_lozo),
     "lozo-m": MethodEntry(LozoHyper, _build_lozo_m),
     "kerzoo": MethodEntry(SgdHyper, _build_kerzoo),
+    "lozo-bank": MethodEntry(LozoBankHyper, _build_lozo_bank),
 }
 
 

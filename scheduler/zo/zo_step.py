@@ -225,6 +225,18 @@ def apply_record(method: ZoMethod, state: TrainState, layout: LoraLayout, record
 
 
 # ------------------------------------------------------------------------------------- probe tensors (worker)
+def step_base(
+    perturbation: Perturbation, theta: dict[str, torch.Tensor], layout: LoraLayout, seeds: StepSeeds
+) -> dict[str, torch.Tensor]:
+    """θ as the step probes it: θ itself, unless the perturbation starts some steps by moving θ.
+
+    Optional `state_for_step(θ, layout, seeds)` (lozo-bank's window entry, `lozo_bank.py`) returns θ or a new
+    dict, never writing θ; that method's optimiser applies the same move in place before its update.
+    """
+    enter = getattr(perturbation, "state_for_step", None)
+    return theta if enter is None else enter(theta, layout, seeds)
+
+
 def probe_values(
     theta: dict[str, torch.Tensor],
     layout: LoraLayout,
@@ -236,6 +248,7 @@ def probe_values(
 
     For a ±ε term this is `base + scale * d`, bit for bit MeZO's `base ± eps * z`.
     """
+    theta = step_base(perturbation, theta, layout, seeds)
     for spec, ds in perturbation.stream(layout, seeds):
         base = theta[spec.name]
         values = []

@@ -33,6 +33,8 @@ CASES = [
     ("lozo", {"lr": 5e-3, "rank": 2, "basis_interval": 4}),  # ν = 4: two V refreshes within the run
     ("lozo-m", {"lr": 5e-3, "rank": 2, "basis_interval": 4, "momentum": 0.9}),
     ("kerzoo", {"lr": 1e-3}),
+    # ν = 2: five windows in ten steps, so the bank fills R − k = 6 columns and is re-compressed at step 8
+    ("lozo-bank", {"lr": 5e-3, "rank": 2, "basis_interval": 2}),
 ]
 
 

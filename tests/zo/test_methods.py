@@ -21,6 +21,7 @@ LAYOUT = small_layout()
 def test_registry_names():
     assert set(REGISTRY) == {
         "mezo-sgd", "zo-sgd-sign", "zo-sgd-mmt", "zo-adam", "zo-sgd-cons", "lozo", "lozo-m", "kerzoo",
+        "lozo-bank",
     }
 
 

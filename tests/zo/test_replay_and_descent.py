@@ -30,7 +30,9 @@ def _variants():
     scales = normalise_scales({s.name: 1.0 + i for i, s in enumerate(LAYOUT.tensors)}, LAYOUT)
     g = torch.Generator().manual_seed(3)
     mask = topk_mask({s.name: torch.rand(s.shape, generator=g) for s in LAYOUT.tensors}, LAYOUT, 0.5)
-    out = [(name, {}) for name in sorted(REGISTRY)]
+    # lozo-bank trains ΔW = B·A, not θ, so the θ-quadratic does not fit it: test_lozo_bank.py has its replay
+    # and descent tests (on a least-squares problem over ΔW)
+    out = [(name, {}) for name in sorted(REGISTRY) if name != "lozo-bank"]
     out += [("mezo-sgd", {"block_scales": scales}), ("zo-adam", {"block_scales": scales})]
     out += [("mezo-sgd", {"mask": mask}), ("zo-sgd-mmt", {"mask": mask}), ("zo-adam", {"mask": mask})]
     return out
