@@ -60,6 +60,9 @@ METHOD_PARAMS: dict[str, dict[str, float]] = {
     "lozo": {"lr": 2e-3, "rank": 2, "basis_interval": 50},
     "lozo-m": {"lr": 2e-3, "rank": 2, "basis_interval": 50, "momentum": 0.9},
     "kerzoo": {"lr": 2e-3},
+    # a ΔW window with LoZO's 1/k weight; rank 2 of the adapter's 8: a 6-column bank from step 150, re-compressed
+    # at every window entry from step 200
+    "lozo-bank": {"lr": 2e-3, "rank": 2, "basis_interval": 50},
 }
 
 
