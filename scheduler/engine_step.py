@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from scheduler.engine.binding import PROBE_PRIORITY, EngineBinding
 from scheduler.objectives import EncodedDataset
+from scheduler.probe_eval import probe_batch_score
+from scheduler.rewards import EncodedReward
 from scheduler.sampling import batch_indices
 from scheduler.zo.zo_step import StepRecord, StepSeeds, ZoMethod, finish_step, next_probes, probes_to_wire
 
@@ -81,7 +83,7 @@ def pair_grads(pairs: Sequence[float], eps: float) -> tuple[float, ...]:
 async def run_engine_step(
     binding: EngineBinding,
     key: str,
-    data: EncodedDataset,
+    data: EncodedDataset | EncodedReward,
     method: ZoMethod,
     lr: float,
     *,
@@ -106,11 +108,11 @@ async def run_engine_step(
         round_index = len(losses)
         results = await asyncio.gather(
             *(
-                binding.score(sequences, slot, salt=f"{salt}:{step}:{round_index + j}", priority=priority)
+                probe_batch_score(binding, data, batch, sequences, slot, salt=f"{salt}:{step}:{round_index + j}", priority=priority)
                 for j, slot in enumerate(round_slots)
             )
         )
-        losses += tuple(data.score_batch(batch, scores).loss for scores in results)
+        losses += tuple(result.loss for result in results)
         num_sequences += len(round_slots) * len(sequences)
     record = finish_step(method, seeds, losses, lr)
     await binding.apply_step(key, step, seeds.as_tuple(), record.coeffs, record.lr)

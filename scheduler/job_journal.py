@@ -15,6 +15,7 @@ from pathlib import Path
 
 from scheduler.jobs import JobSpec, JobStatus
 from scheduler.objectives import ClassificationObjective, CompletionObjective, LabelledText, PromptCompletion
+from scheduler.rewards import RewardObjective
 from scheduler.zo.lora_layout import LoraShape
 from scheduler.zo.mezo import MezoHyper
 
@@ -37,14 +38,29 @@ def _examples_from_json(rows: list[dict]) -> tuple:
     return tuple(LabelledText(**r) if "label" in r else PromptCompletion(**r) for r in rows)
 
 
+def _objective_to_json(objective) -> dict:
+    if isinstance(objective, ClassificationObjective):
+        return {"type": "classification", "template": objective.template, "options": list(objective.options)}
+    if isinstance(objective, RewardObjective):
+        return {"type": "reward", "template": objective.template, "match": objective.match,
+                "max_new_tokens": objective.max_new_tokens, "stop": list(objective.stop)}
+    return {"type": "completion"}
+
+
+def _objective_from_json(raw: dict):
+    if raw["type"] == "classification":
+        return ClassificationObjective(raw["template"], tuple(raw["options"]))
+    if raw["type"] == "reward":
+        return RewardObjective(raw["template"], raw["match"], raw["max_new_tokens"], tuple(raw["stop"]))
+    return CompletionObjective()
+
+
 def spec_to_json(spec: JobSpec) -> dict:
     objective = spec.objective
     return {
         "adapter": spec.adapter,
         "examples": _examples_to_json(spec.examples),
-        "objective": {"type": "classification", "template": objective.template, "options": list(objective.options)}
-        if isinstance(objective, ClassificationObjective)
-        else {"type": "completion"},
+        "objective": _objective_to_json(objective),
         "hyper": asdict(spec.hyper),
         "lora": {"rank": spec.lora.rank, "alpha": spec.lora.alpha, "target_modules": list(spec.lora.target_modules)},
         "batch_size": spec.batch_size,
@@ -63,9 +79,7 @@ def spec_from_json(raw: dict) -> JobSpec:
     return JobSpec(
         adapter=raw["adapter"],
         examples=_examples_from_json(raw["examples"]),
-        objective=ClassificationObjective(objective["template"], tuple(objective["options"]))
-        if objective["type"] == "classification"
-        else CompletionObjective(),
+        objective=_objective_from_json(objective),
         hyper=MezoHyper(**raw["hyper"]),
         lora=LoraShape(raw["lora"]["rank"], raw["lora"]["alpha"], tuple(raw["lora"]["target_modules"])),
         batch_size=raw["batch_size"],

@@ -19,6 +19,7 @@ from scheduler.errors import InvalidJobSpec, NoCapacity
 from scheduler.job_journal import JobProgress
 from scheduler.jobs import EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric
 from scheduler.objectives import BatchScore, EncodedDataset
+from scheduler.probe_eval import probe_batch_score
 from scheduler.zo.methods import InvalidHyperParameter, build_method, hyper_items, parse_hyper
 
 if TYPE_CHECKING:
@@ -146,8 +147,7 @@ async def _score_eval(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, dat
     total_loss, num_correct, count = 0.0, 0, 0
     for start in range(0, len(data), EVAL_CHUNK):
         indices = list(range(start, min(len(data), start + EVAL_CHUNK)))
-        scores = await binding.score(data.sequences(indices), slot, salt=salt)
-        batch: BatchScore = data.score_batch(indices, scores)
+        batch: BatchScore = await probe_batch_score(binding, data, indices, data.sequences(indices), slot, salt=salt)
         total_loss += batch.loss * batch.num_examples
         num_correct += batch.num_correct
         count += batch.num_examples

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from scheduler.objectives import ClassificationObjective, CompletionObjective, LabelledText, PromptCompletion
+from scheduler.rewards import RewardObjective
 from scheduler.zo.lora_layout import LoraShape
 from scheduler.zo.mezo import MezoHyper
 
@@ -28,7 +29,7 @@ class JobStatus(enum.StrEnum):
 class JobSpec:
     adapter: str
     examples: tuple[LabelledText, ...] | tuple[PromptCompletion, ...]
-    objective: ClassificationObjective | CompletionObjective
+    objective: ClassificationObjective | CompletionObjective | RewardObjective
     hyper: MezoHyper = field(default_factory=MezoHyper)  # lr, eps, q, weight decay (all methods)
     lora: LoraShape = LoraShape(8, 16.0, ("q_proj", "v_proj"))
     batch_size: int = 16

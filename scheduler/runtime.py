@@ -26,6 +26,7 @@ from scheduler.job_journal import JobJournal
 from scheduler.job_runner import JobRun, method_hyper, probe_slots_needed, run_job
 from scheduler.jobs import AdapterView, EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric, VersionView
 from scheduler.objectives import ClassificationObjective, LabelledText, PromptCompletion
+from scheduler.rewards import RewardObjective, words
 from scheduler.serving import ServingLease
 from scheduler.zo.methods import REGISTRY
 
@@ -61,6 +62,15 @@ class RuntimeStats:
     train_budget_tokens: int | None
     user_latency_s: float | None  # the measured TTFT p95 the controller acts on
     target_latency_s: float
+
+
+def _validate_reward(spec: JobSpec, max_model_len: int) -> None:
+    if spec.objective.max_new_tokens > max_model_len // 2:
+        raise InvalidJobSpec("objective.max_new_tokens", f"must be <= {max_model_len // 2} (half the engine's max_model_len)")
+    for field_name, examples in (("training_data", spec.examples), ("validation_data", spec.eval_examples)):
+        for index, example in enumerate(examples):
+            if not words(example.completion):
+                raise InvalidJobSpec(f"{field_name}.{index}.completion", "the reference answer has no word to match")
 
 
 def _require_active(run: JobRun, action: str) -> None:
@@ -144,6 +154,8 @@ class Runtime:
                 raise InvalidJobSpec(field_name, f"rows must be {example_type.__name__} for this objective")
             if classification and any(not 0 <= e.label < len(spec.objective.options) for e in examples):
                 raise InvalidJobSpec(f"{field_name}.label", f"labels must be in [0, {len(spec.objective.options)})")
+        if isinstance(spec.objective, RewardObjective):
+            _validate_reward(spec, config.max_model_len)
         if any(r.spec.adapter == spec.adapter and not r.status.is_final for r in self._jobs.values()):
             raise AdapterBusy(f"adapter {spec.adapter!r} already has an active job")
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from scheduler.jobs import JobSpec, JobView
 from scheduler.objectives import ClassificationObjective, CompletionObjective
+from scheduler.rewards import RewardObjective
 from scheduler.runtime import Runtime
 from scheduler.zo.lora_layout import LoraShape
 from scheduler.zo.mezo import MezoHyper
@@ -26,6 +27,7 @@ from service.jobs.schemas import (
     JobList,
     JobMetrics,
     JobOut,
+    RewardObjectiveIn,
     StepMetricOut,
 )
 
@@ -61,6 +63,15 @@ def to_spec(body: JobCreate, files: FileStore) -> JobSpec:
         if "{text}" not in objective.template:
             raise InvalidInput("objective.template: must contain {text}", "objective.template")
         kind, runtime_objective = "classification", ClassificationObjective(objective.template, tuple(objective.options))
+    elif isinstance(objective, RewardObjectiveIn):
+        try:
+            runtime_objective = RewardObjective(
+                objective.template, objective.match, objective.max_new_tokens, tuple(objective.stop)
+            )
+        except ValueError as exc:  # the message starts with the field's name
+            field = str(exc).split(":", 1)[0]
+            raise InvalidInput(f"objective.{exc}", f"objective.{field}") from None
+        kind = "completion"  # rows {prompt, completion}: the completion is the reference answer
     else:
         kind, runtime_objective = "completion", CompletionObjective()
     training = _dataset(body.training_data, body.training_file, files, "training")

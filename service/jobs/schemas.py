@@ -26,7 +26,19 @@ class CompletionObjectiveIn(_Strict):
     type: Literal["completion"]
 
 
-ObjectiveIn = Annotated[ClassificationObjectiveIn | CompletionObjectiveIn, Field(discriminator="type")]
+class RewardObjectiveIn(_Strict):
+    """Greedy-generate after each prompt; reward 1 when the generation matches the row's completion."""
+
+    type: Literal["reward"]
+    template: str = Field("{prompt}", description="must contain {prompt}")
+    match: Literal["exact", "contains"] = Field("contains", description="exact words, or the answer's words in a run")
+    max_new_tokens: int = Field(8, ge=1, le=256)
+    stop: list[str] = Field(default_factory=list, max_length=8, description="stop strings, e.g. [\"\\n\"]")
+
+
+ObjectiveIn = Annotated[
+    ClassificationObjectiveIn | CompletionObjectiveIn | RewardObjectiveIn, Field(discriminator="type")
+]
 
 
 class HyperparametersIn(_Strict):

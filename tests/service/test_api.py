@@ -71,6 +71,9 @@ async def test_file_upload_and_its_errors(admin):
 # ---------------------------------------------------------------- jobs: input errors
 
 
+_REWARD_ROWS = [{"prompt": "a film", "completion": "great"}]
+
+
 async def test_job_input_errors_name_the_field(admin):
     cases = [
         ({"hyperparameters": {"learning_rate": -1}}, "hyperparameters.learning_rate"),
@@ -86,6 +89,13 @@ async def test_job_input_errors_name_the_field(admin):
         ({"training_data": None}, "training_data"),
         ({"objective": {"type": "classification", "template": "no slot", "options": [" a", " b"]}}, "objective.template"),
         ({"objective": {"type": "regression"}}, "objective"),
+        ({"objective": {"type": "reward", "template": "no slot"}, "training_data": _REWARD_ROWS}, "objective.template"),
+        ({"objective": {"type": "reward", "match": "regex"}, "training_data": _REWARD_ROWS}, "match"),
+        ({"objective": {"type": "reward", "max_new_tokens": 0}, "training_data": _REWARD_ROWS}, "max_new_tokens"),
+        ({"objective": {"type": "reward", "max_new_tokens": 257}, "training_data": _REWARD_ROWS}, "max_new_tokens"),
+        ({"objective": {"type": "reward", "stop": [""]}, "training_data": _REWARD_ROWS}, "objective.stop"),
+        ({"objective": {"type": "reward"}}, "training_data.0"),  # {text, label} rows
+        ({"objective": {"type": "reward"}, "training_data": [{"prompt": "a", "completion": "?!"}]}, "training_data.0.completion"),
         ({"seed": -1}, "seed"),
     ]
     for overrides, field in cases:
@@ -289,3 +299,19 @@ async def test_metrics_count_route_templates(anonymous):
     assert "zoserve_zo_steps_total{adapter=" in text
     assert 'zoserve_training_jobs{state="succeeded"}' in text
     assert "/v1/jobs/job-missing" not in text, "raw paths must never become label values"
+
+
+async def test_reward_objective_job_trains_and_evaluates(admin):
+    """A reward job (greedy generation matched against each row's answer) runs end to end over HTTP."""
+    rows = [{"prompt": r["text"], "completion": " great" if r["label"] else " terrible"} for r in sst2_rows(16)]
+    objective = {"type": "reward", "template": "{prompt} It was", "match": "contains", "max_new_tokens": 3, "stop": ["\n"]}
+    body = job_body("api-reward", 3, objective=objective, training_data=rows, validation_data=rows[:4])
+    created = await admin.post("/v1/jobs", json=body)
+    assert created.status_code == 201, created.text
+    job = await wait_for_job(admin, created.json()["id"], lambda j: j["status"] in FINAL)
+    assert job["status"] == "succeeded" and job["version"] == 3, job
+    metrics = (await admin.get(f"/v1/jobs/{job['id']}/metrics")).json()
+    assert [m["step"] for m in metrics["steps"]] == [1, 2, 3]
+    assert all(0.0 <= m["loss"] <= 1.0 for m in metrics["steps"])  # 1 − match rate
+    (evaluation,) = metrics["evals"]
+    assert 0.0 <= evaluation["loss"] <= 1.0
