@@ -130,7 +130,9 @@ class Runtime:
     # ----------------------------------------------------------------- jobs
     def _validate(self, spec: JobSpec) -> None:
         config = self.binding.config
-        method_hyper(spec)
+        hyper = method_hyper(spec)
+        if spec.method == "lozo-bank" and hyper.rank >= spec.lora.rank:  # the bank needs columns beside the window
+            raise InvalidJobSpec("method_params.rank", f"lozo-bank needs rank < lora.rank ({spec.lora.rank})")
         if spec.method not in REGISTRY:
             raise InvalidJobSpec("method", f"{spec.method!r} is not one of {sorted(REGISTRY)}")
         if spec.lora.rank > config.max_lora_rank:

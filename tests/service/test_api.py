@@ -81,6 +81,7 @@ async def test_job_input_errors_name_the_field(admin):
         ({"lora": {"rank": 4, "alpha": 8, "target_modules": ["k_proj"]}}, "lora.target_modules"),
         ({"method": "adamw"}, "method"),
         ({"method": "zo-sgd-mmt", "method_params": {"momentum": 1.5}}, "momentum"),  # the runtime names the prefix
+        ({"method": "lozo-bank", "method_params": {"rank": 4}}, "method_params.rank"),  # not below lora.rank 4
         ({"adapter": "../etc"}, "adapter"),
         ({"training_data": [{"text": "a", "label": 7}]}, "training_data.label"),
         ({"training_data": [{"prompt": "a", "completion": "b"}]}, "training_data.0"),
