@@ -33,6 +33,8 @@ from adapters_store.records import (
 from adapters_store.retention import ReplayPlan, plan_replay, snapshots_to_drop, unreferenced_blobs
 from adapters_store.snapshots import decode_state, encode_state
 
+_ARTIFACTS = "artifacts"  # blob prefix of job artifacts (`put_artifact`)
+
 # apply_record(theta, optimizer_state, record): redo one UPDATE record in place on fp32 CPU tensors.
 ApplyRecord = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], VersionRecord], None]
 
@@ -206,6 +208,24 @@ class AdapterStore:
         )
         return await self.commit(name, record, state)
 
+    # -- artifacts ----------------------------------------------------------------------------------------------
+
+    async def put_artifact(self, data: bytes) -> str:
+        """Store a job artifact (e.g. direction scales or masks) by content; returns its id, the sha256 hex.
+
+        Version records name artifacts by id, so artifacts are never garbage-collected.
+        """
+        digest = await asyncio.to_thread(sha256_hex, data)
+        key = content_key(digest, _ARTIFACTS)
+        if not await self.blobs.exists(key):
+            await self.blobs.put(key, data)
+        return digest
+
+    async def get_artifact(self, artifact_id: str) -> bytes:
+        if len(artifact_id) != 64 or any(c not in "0123456789abcdef" for c in artifact_id):
+            raise InvalidArgument("artifact_id", f"{artifact_id!r} is not an artifact id (sha256 hex)")
+        return await get_verified(self.blobs, content_key(artifact_id, _ARTIFACTS), artifact_id)
+
     # -- pins, retention, GC ------------------------------------------------------------------------------------
 
     async def pin(self, name: str, version: int) -> None:
@@ -234,6 +254,7 @@ class AdapterStore:
     async def collect_garbage(self) -> list[str]:
         """Delete blobs no adapter references (and older than the grace period). Returns the deleted keys."""
         blobs = await self.blobs.list()  # listed before references are read: see retention.unreferenced_blobs
+        blobs = [b for b in blobs if not b.key.startswith(f"{_ARTIFACTS}/")]  # named by version records
         referenced: set[str] = set()
         for name in await self.metadata.list_adapters():
             try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters_store import AdapterNotFound, AdapterState, AdapterStore, HeadConflict, VersionRecord
+from scheduler.direction_artifacts import MissingArtifact, artifact_hparam
 from scheduler.engine.binding import EngineBinding
 from scheduler.engine_step import StepOutcome
 from scheduler.errors import AdapterNotServed, NoCapacity
@@ -72,6 +73,8 @@ class LoadedAdapter:
     head: int  # the version the worker's master state holds
     last_used: float = field(default_factory=time.monotonic)
     training: bool = False
+    method_wire: tuple | None = None  # what the worker trains with: (name, hyper items[, artifacts blob])
+    artifact_id: str | None = None  # the store id of that artifacts blob, named in every record committed
 
 
 @dataclass
@@ -91,6 +94,7 @@ class AdapterHost:
         self._version_slots: dict[tuple[str, int], _VersionSlot] = {}
         self._layouts: dict[LoraShape, LoraLayout] = {}
         self._lock = asyncio.Lock()  # loading, eviction and version-slot assignment
+        self._artifacts: dict[str, bytes] = {}  # artifact id → blob, read from the store on first use
 
     # ----------------------------------------------------------------- layouts and replay
     async def layout(self, shape: LoraShape) -> LoraLayout:
@@ -103,7 +107,16 @@ class AdapterHost:
         return await self.layout(LoraShape(meta.rank, meta.alpha, tuple(sorted(meta.target_modules))))
 
     async def materialize(self, name: str, version: int | str | None) -> AdapterState:
-        return await self.store.materialize(name, version, applier_for(await self.layout_of(name)))
+        return await self._replaying(name, lambda apply: self.store.materialize(name, version, apply))
+
+    async def _replaying(self, name: str, run):
+        """`run(apply_record)`, fetching from the store each artifact a replayed record names."""
+        layout = await self.layout_of(name)
+        while True:
+            try:
+                return await run(applier_for(layout, self._artifacts))
+            except MissingArtifact as missing:
+                self._artifacts[missing.artifact_id] = await self.store.get_artifact(missing.artifact_id)
 
     # ----------------------------------------------------------------- loading
     async def create_if_missing(self, name: str, shape: LoraShape, seed: int) -> None:
@@ -134,9 +147,14 @@ class AdapterHost:
                 # its cache salts distinct from the old incarnation's.
                 self.serving.register(name, buffers, incarnation=f"{meta.created_at:.6f}")
                 adapter = self.loaded[name] = LoadedAdapter(name, layout, head)
+            artifact_id = None
+            if method_wire is not None and len(method_wire) > 2 and method_wire[2]:
+                artifact_id = await self.store.put_artifact(method_wire[2])
+                self._artifacts[artifact_id] = method_wire[2]
             await self.binding.set_state(name, layout, state.theta, method_wire, state.optimizer_state)
             adapter.head = head
             adapter.training = method_wire is not None
+            adapter.method_wire, adapter.artifact_id = method_wire, artifact_id
             adapter.last_used = time.monotonic()
         await self.publish_when_idle(adapter)
         return adapter
@@ -197,7 +215,7 @@ class AdapterHost:
             lr=outcome.lr,
             weight_decay=method.weight_decay,
             eps=method.eps,
-            hparams=record_hparams(hyper),
+            hparams=record_hparams(hyper) + ((artifact_hparam(adapter.artifact_id),) if adapter.artifact_id else ()),
             batch_id=outcome.step,
         )
         state = None
@@ -207,7 +225,7 @@ class AdapterHost:
         try:
             await self.store.commit(adapter.name, record, state)
         except HeadConflict:
-            await self.load(adapter.name, (method.name, hyper_items(hyper)))
+            await self.load(adapter.name, adapter.method_wire or (method.name, hyper_items(hyper)))
             return adapter.head
         adapter.head = version
         adapter.last_used = time.monotonic()
@@ -281,10 +299,10 @@ class AdapterHost:
             return entry
 
     async def export(self, name: str, version: int | str | None, out_dir: Path) -> Path:
-        return await self.store.export_peft(name, version, out_dir, applier_for(await self.layout_of(name)))
+        return await self._replaying(name, lambda apply: self.store.export_peft(name, version, out_dir, apply))
 
     async def rollback(self, name: str, version: int) -> int:
-        commit = await self.store.rollback(name, version, applier_for(await self.layout_of(name)))
+        commit = await self._replaying(name, lambda apply: self.store.rollback(name, version, apply))
         if name in self.loaded and not self.loaded[name].training:
             await self.load(name)
         return commit.record.version

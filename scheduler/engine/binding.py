@@ -169,7 +169,7 @@ class EngineBinding:
         method_wire: tuple | None = None,
         buffers: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Register θ on the worker; with `method_wire` (name, hyper items) it can also be trained."""
+        """Register θ on the worker; with `method_wire` (name, hyper items[, artifacts blob]) it can also be trained."""
         await self._rpc(
             "zo_set_state", key, layout_to_wire(layout), tensors_to_wire(theta), method_wire,
             tensors_to_wire(buffers) if buffers else b"",

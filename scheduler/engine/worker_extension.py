@@ -21,9 +21,9 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
+from scheduler.direction_artifacts import method_from_wire
 from scheduler.engine import cpu_lora_ops
 from scheduler.zo.lora_layout import LoraLayout, LoraShape, TensorSpec
-from scheduler.zo.methods import build_method, parse_hyper
 from scheduler.zo.zo_step import (
     StepRecord,
     StepSeeds,
@@ -66,12 +66,6 @@ def layout_from_wire(wire: tuple) -> LoraLayout:
         LoraShape(int(rank), float(alpha), tuple(targets)),
         tuple(TensorSpec(name, tuple(shape), module, kind) for name, shape, module, kind in tensors),
     )
-
-
-def method_from_wire(wire: tuple) -> ZoMethod:
-    """(method name, ((hyper name, value), …)) → the method; block scales and masks are not wired yet."""
-    name, items = wire
-    return build_method(name, parse_hyper(name, dict(items)))
 
 
 @dataclass
@@ -157,7 +151,7 @@ class ZOWorkerExtension:
         missing = {t.name for t in layout.tensors} - set(theta)
         if missing:
             raise KeyError(f"state for {key} lacks tensors: {sorted(missing)[:3]}")
-        method = method_from_wire(method_wire) if method_wire is not None else None
+        method = method_from_wire(method_wire, layout) if method_wire is not None else None
         buffers = tensors_from_wire(buffers_wire) if buffers_wire else {}
         if method is not None:  # missing buffers start at init: the rule store replay applies too
             for name, value in method.optimiser.init_buffers(layout).items():
