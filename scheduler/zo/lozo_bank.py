@@ -111,7 +111,8 @@ class BankPerturbation:
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds.direction_seeds]
         for spec in layout.tensors:
             if spec.kind == "B":
-                yield spec, [torch.randn((spec.shape[0], self.rank), generator=g, dtype=torch.float32) for g in generators]
+                shape = (spec.shape[0], self.rank)
+                yield spec, [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
 
     def stream(self, layout: LoraLayout, seeds: StepSeeds) -> Iterator[tuple[TensorSpec, list[torch.Tensor]]]:
         window = self.window(layout, seeds.step)
@@ -157,7 +158,9 @@ class BankPerturbation:
             out[a_spec.name], out[b_spec.name] = a_new, b_new
         return out
 
-    def state_for_step(self, theta: dict[str, torch.Tensor], layout: LoraLayout, seeds: StepSeeds) -> dict[str, torch.Tensor]:
+    def state_for_step(
+        self, theta: dict[str, torch.Tensor], layout: LoraLayout, seeds: StepSeeds
+    ) -> dict[str, torch.Tensor]:
         """θ as step `seeds.step` probes and updates it (see `zo_step.step_base`)."""
         if seeds.step % self.basis_interval != 0:
             return theta
