@@ -7,7 +7,8 @@ adapters for users, two training jobs (weights 1 and 2) on two more adapters. In
               of `--output-tokens` tokens, adapters round-robin; nothing else runs;
   zo        — the two jobs alone, for as long as the users phase;
   together  — the same arrival sequence again, with both jobs running.
-Time to first token (TTFT) is taken at the client, from the scheduled arrival time to the first SSE chunk that
+User load comes from a separate client process (its own event loop). Time to first token (TTFT) is taken at
+the client, from the scheduled arrival time to the first SSE chunk that
 carries text; end-to-end (e2e) to `[DONE]`. ZO step rates and scoring tokens come from the jobs' step metrics
 (`GET /v1/jobs/{id}/metrics`), counted by step completion time inside each phase's window.
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import functools
 import gc
 import json
 import logging
@@ -94,15 +94,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _use_target_ttft(target_ms: float) -> None:
-    """Give the co-scheduler a TTFT target. The service has no setting for it yet (the app builds its Runtime
-    with the default CoSchedulerConfig), so the benchmark wraps the Runtime the composition root constructs."""
-    import service.app as app_module
-    from scheduler.coscheduler import CoSchedulerConfig
-
-    app_module.Runtime = functools.partial(app_module.Runtime, coscheduling=CoSchedulerConfig(target_ttft_ms=target_ms))
 
 
 class Service:
@@ -193,6 +184,50 @@ async def open_loop(client, phase: str, prompts: list[str], offsets: list[float]
             one_request(client, phase, model, prompts[i % len(prompts)], args.output_tokens, start + offset)
         ))
     return start, list(await asyncio.gather(*tasks))
+
+
+def _client_main(url: str, kind: str, payload: dict):
+    """Entry point of the load-generator process: its own interpreter and event loop, like a real client."""
+
+    async def go():
+        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            ns = argparse.Namespace(**payload["args"])
+            if kind == "open":
+                return await open_loop(client, payload["phase"], payload["prompts"], payload["offsets"], ns)
+            return await closed_loop(
+                client, payload["prompts"], payload["concurrency"], payload["warmup_s"], payload["measure_s"], ns
+            )
+
+    return asyncio.run(go())
+
+
+class LoadClient:
+    """User load from a separate process. In-process, every stall of the service's event loop (engine output
+    processing, step loops, commits) also stalled the load generator's clock and sends (send lag p99 120 ms),
+    so the measurement mixed the two; real users are not inside the server."""
+
+    def __init__(self, url: str, args) -> None:
+        import concurrent.futures
+        import multiprocessing
+
+        self._url = url
+        self._args = {"output_tokens": args.output_tokens}
+        self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    async def _call(self, kind: str, payload: dict):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, _client_main, self._url, kind, {**payload, "args": self._args})
+
+    async def open_loop(self, phase: str, prompts: list[str], offsets: list[float]) -> tuple[float, list[UserSample]]:
+        return await self._call("open", {"phase": phase, "prompts": prompts, "offsets": offsets})
+
+    async def closed_loop(self, prompts: list[str], concurrency: int, warmup_s: float, measure_s: float) -> dict:
+        payload = {"prompts": prompts, "concurrency": concurrency, "warmup_s": warmup_s, "measure_s": measure_s}
+        return await self._call("closed", payload)
+
+    def close(self) -> None:
+        self._pool.shutdown()
 
 
 async def closed_loop(client, prompts: list[str], concurrency: int, warmup_s: float, measure_s: float, args) -> dict:
@@ -428,10 +463,12 @@ async def prepare_user_adapters(client, prompts: list[str], args) -> None:
 
 async def measure(args, service: Service, prompts: list[str], train_rows: list[dict]) -> Raw:
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+    load = LoadClient(service.url, args)
     async with httpx.AsyncClient(base_url=service.url, timeout=120, limits=limits) as client:
         await prepare_user_adapters(client, prompts, args)
+        await load.open_loop("warmup", prompts, [0.0])  # start the client process before anything is timed
         print("calibrating: closed loop, streaming completions alone ...", flush=True)
-        calibration = await closed_loop(client, prompts, args.calibrate_concurrency, args.calibrate_warmup_s, args.calibrate_s, args)
+        calibration = await load.closed_loop(prompts, args.calibrate_concurrency, args.calibrate_warmup_s, args.calibrate_s)
         rate = args.load_fraction * calibration["completions_per_s"]
         duration = min(args.max_phase_s, max(args.min_phase_s, args.requests_per_phase / rate))
         offsets = poisson_offsets(rate, duration, args.seed)  # the same arrivals in both user phases
@@ -450,9 +487,15 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         job_ids: dict[str, str] = {}
         try:
             print("phase users: users alone ...", flush=True)
-            t0, got = await open_loop(client, "users", prompts, offsets, args)
+            t0, got = await load.open_loop("users", prompts, offsets)
             phases["users"] = (t0, t0 + duration)
             samples += got
+            if args.target_ttft_ms is None and args.target_from_users is not None:
+                alone = [r["server_ttft_p95_ms"] for r in runtime_rows if t0 <= r["t"] and r["server_ttft_p95_ms"]]
+                target_ms = args.target_from_users * float(np.median(alone))
+                service.runtime.coscheduler.set_target_ttft_ms(target_ms)
+                args.target_ttft_ms = target_ms
+                print(f"co-scheduler target: {target_ms:.0f} ms p95 TTFT ({args.target_from_users} x users-alone median p95)")
 
             for adapter, weight in JOBS:
                 body = job_body(adapter, weight, 1_000_000, args.zo_batch_size, args.zo_q, train_rows)
@@ -466,7 +509,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
             phases["zo"] = (t0, t0 + duration)
 
             print("phase together: users and the two jobs ...", flush=True)
-            t0, got = await open_loop(client, "together", prompts, offsets, args)
+            t0, got = await load.open_loop("together", prompts, offsets)
             phases["together"] = (t0, t0 + duration)
             samples += got
 
@@ -485,6 +528,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         except Exception as exc:  # noqa: BLE001 - any failure here means the engine is gone
             print(f"engine health check failed: {type(exc).__name__}: {exc}", flush=True)
             engine_healthy = False
+    load.close()
     return Raw(calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy)
 
 
@@ -541,6 +585,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "load_fraction": args.load_fraction, "rate_per_s": raw.rate_per_s, "phase_s": raw.phase_s, "seed": args.seed,
             "zo_batch_size": args.zo_batch_size, "zo_num_directions": args.zo_q,
             "coscheduler_target_ttft_ms": args.target_ttft_ms if args.target_ttft_ms is not None else "service default",
+            "coscheduler_chunk_tokens": args.chunk_tokens if args.chunk_tokens is not None else "service default",
             "max_num_batched_tokens": engine.max_num_batched_tokens, "max_num_seqs": engine.max_num_seqs,
         },
         "calibration": raw.calibration,
@@ -558,14 +603,14 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
 async def run(args) -> tuple[dict, Raw]:
     deaths = EngineDeathCounter()
     logging.getLogger().addHandler(deaths)
-    if args.target_ttft_ms is not None:
-        _use_target_ttft(args.target_ttft_ms)
     prompts = [f"{ex.text} It was" for ex in load_sst2("dev")]
     random.Random(args.seed).shuffle(prompts)
     train_rows = _rows("train", 512)
     data_dir = Path(tempfile.mkdtemp(prefix="zoserve-coserve-"))
     settings = Settings(
-        data_dir=data_dir, tiny_model=args.model, dtype=args.dtype, num_slots=args.num_slots, metrics_refresh_s=1.0
+        data_dir=data_dir, tiny_model=args.model, dtype=args.dtype, num_slots=args.num_slots, metrics_refresh_s=1.0,
+        **({"coscheduler_target_ttft_ms": args.target_ttft_ms} if args.target_ttft_ms is not None else {}),
+        **({"coscheduler_chunk_tokens": args.chunk_tokens} if args.chunk_tokens is not None else {}),
     )
     started = time.time()
     # The benchmark starts the engine itself (as the tests do) so that engine arguments the service settings
@@ -628,6 +673,11 @@ def main() -> None:
     parser.add_argument("--zo-q", type=int, default=1)
     parser.add_argument("--zo-warmup-steps", type=int, default=3)
     parser.add_argument("--target-ttft-ms", type=float, default=None, help="co-scheduler TTFT target (default: the service's)")
+    parser.add_argument(
+        "--target-from-users", type=float, default=1.2,
+        help="without --target-ttft-ms: set the co-scheduler target to this x the server-side p95 TTFT measured in the users-alone phase",
+    )
+    parser.add_argument("--chunk-tokens", type=int, default=None, help="co-scheduler probe chunk size (default: the service's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's per-step token budget (default: the service's)")
     parser.add_argument("--rolling-window-s", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,15 +1,20 @@
 """The thin async loop that carries out the co-scheduling planner's rounds (`scheduler.planning`).
 
-Jobs ask for each step (`async with coscheduler.step(...) as probe_slots`) and wait for a grant: the planner
-admits steps under a token budget that an AIMD-style controller sizes from measured user time-to-first-token,
-orders jobs by weighted fair queueing, and assigns free LoRA slots. User requests report their life
-(`async with coscheduler.user_request(...)`), which is what the controller measures. The loop plans a round
-whenever something changes, and otherwise every `round_interval_s`.
+Jobs ask for each step (`async with coscheduler.step(...) as lease`) and wait for a grant: the planner grants
+steps in weighted fair order (each job within its share) and assigns free LoRA slots. A granted step then
+submits its scoring sequences in chunks through `lease.gate`: each chunk waits until the token budget has
+room, so the budget, which an AIMD-style controller sizes from measured user time-to-first-token, bounds how
+much probe work any engine forward holds. User requests report their life (`async with
+coscheduler.user_request(...)`), which is what the controller measures. The loop plans a round whenever
+something changes (a chunk returns, a step ends, a user arrives or gets a first token), and otherwise every
+`round_interval_s` so that stale latency samples age out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import time
 from collections import deque
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 
 from scheduler.adapter_host import SlotPool
 from scheduler.planning import (
+    ChunkRequest,
     ControllerConfig,
     JobDemand,
     LatencySignal,
@@ -40,11 +46,22 @@ log = logging.getLogger(__name__)
 class CoSchedulerConfig:
     target_ttft_ms: float = 500.0
     max_tokens_in_flight: int = 8192
-    # Rounds run when something changes (a first token, a step ends, a demand or user arrives or leaves);
-    # this idle tick only lets stale latency samples age out. A faster timer would re-apply the same
-    # p95 round after round and collapse the budget on old news.
+    # A step's sequences enter the engine in chunks of about this many tokens; the budget never drops below
+    # one chunk, so ZO keeps trickling next to users. A user arriving waits behind at most the budget.
+    chunk_tokens: int = 256
+    # Rounds run when something changes; this idle tick only lets stale latency samples age out.
     round_interval_s: float = 0.25
-    ttft_window_s: float = 10.0
+    ttft_window_s: float = 5.0
+    fairness_max_lead_tokens: float = 0.0  # virtual-time lead a job may take over the slowest (0: strict)
+
+    def controller(self) -> ControllerConfig:
+        floor = min(self.chunk_tokens, self.max_tokens_in_flight)
+        return ControllerConfig(
+            target_ttft_ms=self.target_ttft_ms,
+            max_tokens_in_flight=self.max_tokens_in_flight,
+            min_tokens_in_flight=floor,
+            initial_tokens_in_flight=max(floor, min(self.max_tokens_in_flight, 4 * self.chunk_tokens)),
+        )
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,8 @@ class CoSchedulerSnapshot:
     num_user_waiting: int
     num_user_running: int
     ttft_p95_ms: float | None
+    num_probe_tokens_in_flight: int = 0
+    num_chunks_waiting: int = 0
 
 
 @dataclass
@@ -65,6 +84,47 @@ class _Demand:
     num_slots: int
     is_paused: Callable[[], bool]
     granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass
+class _Chunk:
+    request: ChunkRequest
+    admitted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class TokenGate:
+    """A granted step's way into the engine: `async with gate.admit(n)` around submitting n tokens."""
+
+    def __init__(self, owner: CoScheduler, job_id: str):
+        self._owner = owner
+        self.job_id = job_id
+        self.chunk_tokens = owner.config.chunk_tokens
+
+    @asynccontextmanager
+    async def admit(self, num_tokens: int) -> AsyncIterator[None]:
+        owner = self._owner
+        chunk = _Chunk(ChunkRequest(next(owner._chunk_ids), self.job_id, max(1, num_tokens)))
+        owner._chunks_waiting[chunk.request.request_id] = chunk
+        owner._wake.set()
+        try:
+            await chunk.admitted
+        except BaseException:
+            owner._chunks_waiting.pop(chunk.request.request_id, None)
+            if chunk.admitted.done() and not chunk.admitted.cancelled():
+                owner._chunks_in_flight.pop(chunk.request.request_id, None)
+            owner._wake.set()
+            raise
+        try:
+            yield
+        finally:
+            owner._chunks_in_flight.pop(chunk.request.request_id, None)
+            owner._wake.set()
+
+
+@dataclass(frozen=True)
+class StepLease:
+    slot_ids: tuple[int, ...]
+    gate: TokenGate
 
 
 @dataclass
@@ -107,14 +167,19 @@ class CoScheduler:
         self._serving_slots = serving_slots
         self._reclaim_slot = reclaim_slot
         self._planner_config = PlannerConfig(
-            controller=ControllerConfig(target_ttft_ms=config.target_ttft_ms, max_tokens_in_flight=config.max_tokens_in_flight),
+            controller=config.controller(),
             num_slots=len(slot_ids),
+            fairness_max_lead=config.fairness_max_lead_tokens,
         )
         self._state = initial_planner_state(self._planner_config)
         self._waiting: dict[str, _Demand] = {}
         self._in_flight: dict[str, tuple[_Demand, tuple[int, ...]]] = {}  # job → (its demand, its slots)
-        self._users: set[int] = set()
+        self._idle: dict[str, tuple[_Demand, float]] = {}  # job between steps → (its last demand, since when)
+        self._chunk_ids = itertools.count()
+        self._chunks_waiting: dict[int, _Chunk] = {}  # insertion order = FIFO
+        self._chunks_in_flight: dict[int, int] = {}  # request id → tokens
         self._user_handles: dict[int, UserRequestHandle] = {}
+        self._last_user_arrival_s: float | None = None
         self._ttfts: deque[tuple[float, float]] = deque(maxlen=4096)  # (time, ms)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -136,6 +201,8 @@ class CoScheduler:
             num_user_waiting=waiting,
             num_user_running=len(handles) - waiting,
             ttft_p95_ms=percentile_ms(recent, 0.95) if recent else None,
+            num_probe_tokens_in_flight=sum(self._chunks_in_flight.values()),
+            num_chunks_waiting=len(self._chunks_waiting),
         )
 
     # ----------------------------------------------------------------- lifecycle
@@ -155,6 +222,7 @@ class CoScheduler:
         handle = UserRequestHandle(num_prompt_tokens, _owner=self)
         key = id(handle)
         self._user_handles[key] = handle
+        self._last_user_arrival_s = handle.started_s
         self._wake.set()
         try:
             yield handle
@@ -170,12 +238,10 @@ class CoScheduler:
     @asynccontextmanager
     async def step(
         self, job_id: str, weight: float, num_tokens: int, num_slots: int, is_paused: Callable[[], bool] = lambda: False
-    ) -> AsyncIterator[tuple[int, ...]]:
-        """Wait for the planner to grant this job's next step; yields the probe slots it may write."""
-        # A step larger than the whole budget could never be admitted: count it as the maximum, so the
-        # planner lets it run alone when nothing else is in flight.
-        num_tokens = min(max(1, num_tokens), self.config.max_tokens_in_flight)
-        demand = _Demand(job_id, weight, num_tokens, num_slots, is_paused)
+    ) -> AsyncIterator[StepLease]:
+        """Wait for the planner to grant this job's next step; yields its probe slots and token gate."""
+        demand = _Demand(job_id, weight, max(1, num_tokens), num_slots, is_paused)
+        self._idle.pop(job_id, None)
         self._waiting[job_id] = demand
         self._wake.set()
         try:
@@ -184,28 +250,49 @@ class CoScheduler:
             self._waiting.pop(job_id, None)
         self._in_flight[job_id] = (demand, slots)
         try:
-            yield slots
+            yield StepLease(slots, TokenGate(self, job_id))
         finally:
             self._in_flight.pop(job_id, None)
+            self._idle[job_id] = (demand, time.monotonic())
             await self._pool.give_back(slots)
             self._wake.set()
+
+    def set_target_ttft_ms(self, target_ttft_ms: float) -> None:
+        """Move the user-latency target while running (an operator's SLO change); the budget adapts from here."""
+        self.config = dataclasses.replace(self.config, target_ttft_ms=target_ttft_ms)
+        controller = self.config.controller()  # validates the new target
+        self._planner_config = dataclasses.replace(self._planner_config, controller=controller)
+        self._state = dataclasses.replace(
+            self._state, controller=dataclasses.replace(self._state.controller, target_ttft_ms=target_ttft_ms)
+        )
+        self._wake.set()
+
+    def forget_job(self, job_id: str) -> None:
+        """The job ended: it no longer counts for fairness."""
+        self._idle.pop(job_id, None)
+        self._wake.set()
 
     def wake(self) -> None:
         self._wake.set()
 
     # ----------------------------------------------------------------- the loop
-    def _observation(self) -> RoundObservation:
-        now = time.monotonic()
+    def _latency(self, now: float) -> LatencySignal:
         while self._ttfts and self._ttfts[0][0] < now - self.config.ttft_window_s:
             self._ttfts.popleft()
         handles = list(self._user_handles.values())
-        waiting = sum(1 for h in handles if h.first_token_s is None)
-        latency = LatencySignal(
+        waiting = [h for h in handles if h.first_token_s is None]
+        return LatencySignal(
             ttft_p95_ms=percentile_ms([ms for _, ms in self._ttfts], 0.95) if self._ttfts else None,
-            num_user_running=len(handles) - waiting,
-            num_user_waiting=waiting,
+            num_user_running=len(handles) - len(waiting),
+            num_user_waiting=len(waiting),
             num_user_tokens_in_flight=sum(h.num_prompt_tokens + h.num_output_tokens for h in handles),
+            seconds_since_user_arrival_s=(
+                None if self._last_user_arrival_s is None else max(0.0, now - self._last_user_arrival_s)
+            ),
+            max_user_wait_ms=max(((now - h.started_s) * 1000.0 for h in waiting), default=0.0),
         )
+
+    def _slot_table(self, now: float) -> tuple[tuple[SlotOccupancy, ...], tuple[ServingDemand, ...]]:
         probe = {slot: job_id for job_id, (_, held) in self._in_flight.items() for slot in held}
         serving = {slot: (owner, in_flight) for slot, owner, in_flight in self._serving_slots()}
         free = set(self._pool.free_slots())
@@ -222,21 +309,33 @@ class CoScheduler:
                 slots.append(SlotOccupancy(self._index[slot], SlotKind.SERVING, f"__reserved__#{slot}", 1, now))
         # Serving slots belong to the adapter host (it evicts idle adapters itself): pinned here.
         owners = sorted({s.owner for s in slots if s.kind is SlotKind.SERVING})
-        demands = tuple(ServingDemand(owner, is_pinned=True) for owner in owners)
+        return tuple(slots), tuple(ServingDemand(owner, is_pinned=True) for owner in owners)
+
+    def _observation(self) -> RoundObservation:
+        now = time.monotonic()
+        slots, serving = self._slot_table(now)
         jobs = [
             JobDemand(d.job_id, d.weight, d.num_tokens, d.num_slots, is_paused=d.is_paused())
             for d in self._waiting.values()
         ] + [
             JobDemand(job_id, d.weight, d.num_tokens, len(held), has_step_in_flight=True)
             for job_id, (d, held) in self._in_flight.items()
+        ] + [
+            JobDemand(
+                job_id, d.weight, d.num_tokens, d.num_slots, is_paused=d.is_paused(), wants_step=False,
+                idle_s=max(0.0, now - since),
+            )
+            for job_id, (d, since) in self._idle.items()
+            if job_id not in self._waiting and job_id not in self._in_flight
         ]
         return RoundObservation(
             now_s=now,
-            latency=latency,
-            num_probe_tokens_in_flight=sum(d.num_tokens for d, _ in self._in_flight.values()),
+            latency=self._latency(now),
+            num_probe_tokens_in_flight=sum(self._chunks_in_flight.values()),
             jobs=tuple(jobs),
-            slots=tuple(slots),
-            serving_demands=demands,
+            slots=slots,
+            serving_demands=serving,
+            chunk_requests=tuple(chunk.request for chunk in self._chunks_waiting.values()),
         )
 
     def plan_once(self) -> bool:
@@ -251,6 +350,12 @@ class CoScheduler:
             slots = tuple(self._slot_ids[i] for i in grant.probe_slot_ids)
             self._pool.take_specific(slots)  # same tick as the observation: nobody took them in between
             demand.granted.set_result(slots)
+        for request in plan.chunk_grants:
+            chunk = self._chunks_waiting.pop(request.request_id, None)
+            if chunk is None or chunk.admitted.done():
+                continue
+            self._chunks_in_flight[request.request_id] = request.num_tokens
+            chunk.admitted.set_result(None)
         waiting = [d for d in self._waiting.values() if not d.granted.done() and not d.is_paused()]
         return bool(waiting) and min(d.num_slots for d in waiting) > self._pool.num_free
 
@@ -258,16 +363,21 @@ class CoScheduler:
         while not self._stopping:
             self._wake.clear()
             try:
-                short_of_slots = bool(self._waiting) and self.plan_once()
+                busy = bool(self._waiting) or bool(self._chunks_waiting)
+                short_of_slots = busy and self.plan_once()
                 if short_of_slots and self._reclaim_slot is not None and await self._reclaim_slot():
                     continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a planning bug must fail the waiting steps loudly, not hang them
                 log.exception("co-scheduler round failed")
+                error = RuntimeError(f"co-scheduler round failed: {exc!r}")
                 for demand in self._waiting.values():
                     if not demand.granted.done():
-                        demand.granted.set_exception(RuntimeError(f"co-scheduler round failed: {exc!r}"))
+                        demand.granted.set_exception(error)
+                for chunk in list(self._chunks_waiting.values()):
+                    if not chunk.admitted.done():
+                        chunk.admitted.set_exception(error)
             # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a cancellation that races
             # with the inner wait finishing, and the loop would never stop.
             waiter = asyncio.ensure_future(self._wake.wait())

@@ -1,17 +1,24 @@
 """One ZO step through the engine, for any method of `scheduler.zo.methods`.
 
 The worker writes each round's probe states into slots from seeds; the 2q·B (or more, for multi-round
-methods) sequences of a round are submitted together at probe priority, so the engine packs them into as few
-forwards as it can next to user requests. Only seeds and scalars cross the process boundary.
+methods) sequences of a round are submitted at probe priority, so the engine packs them into as few forwards
+as it can next to user requests. Only seeds and scalars cross the process boundary.
+
+With a `gate` (the co-scheduler's token admission), a round's sequences go in as chunks of about
+`gate.chunk_tokens` tokens, interleaved across the probe slots, each chunk entering the engine when the
+gate admits it. Without one (benchmarks, tests, the baseline comparison), every sequence goes in at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 from scheduler.engine.binding import PROBE_PRIORITY, EngineBinding
 from scheduler.objectives import EncodedDataset
@@ -19,6 +26,60 @@ from scheduler.probe_eval import probe_batch_score
 from scheduler.rewards import EncodedReward
 from scheduler.sampling import batch_indices
 from scheduler.zo.zo_step import StepRecord, StepSeeds, ZoMethod, finish_step, next_probes, probes_to_wire
+
+
+class ChunkGate(Protocol):
+    chunk_tokens: int
+
+    def admit(self, num_tokens: int) -> AbstractAsyncContextManager[None]: ...
+
+
+def chunked(sequences: Sequence, max_tokens: int) -> list[list[int]]:
+    """Consecutive index groups of `sequences` holding at most `max_tokens` tokens each (at least one)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    num_tokens = 0
+    for i, seq in enumerate(sequences):
+        size = len(seq.token_ids)
+        if current and num_tokens + size > max_tokens:
+            groups.append(current)
+            current, num_tokens = [], 0
+        current.append(i)
+        num_tokens += size
+    if current:
+        groups.append(current)
+    return groups
+
+
+async def score_round(
+    binding: EngineBinding,
+    sequences: Sequence,
+    slots: Sequence[int],
+    salts: Sequence[str],
+    priority: int,
+    gate: ChunkGate | None,
+) -> list[list]:
+    """Scores of every sequence under each slot's state: one list per slot, in sequence order."""
+    if gate is None:
+        return list(
+            await asyncio.gather(
+                *(binding.score(sequences, slot, salt=salt, priority=priority) for slot, salt in zip(slots, salts))
+            )
+        )
+    groups = chunked(sequences, gate.chunk_tokens)
+
+    async def one_chunk(slot: int, salt: str, indices: list[int]) -> list:
+        chunk = [sequences[i] for i in indices]
+        async with gate.admit(sum(len(seq.token_ids) for seq in chunk)):
+            return await binding.score(chunk, slot, salt=salt, priority=priority)
+
+    # Chunk-major order: the + and − probes of a direction advance together, so the step finishes as one.
+    jobs = [(j, group) for group in groups for j in range(len(slots))]
+    results = await asyncio.gather(*(one_chunk(slots[j], salts[j], group) for j, group in jobs))
+    per_slot: list[list] = [[] for _ in slots]
+    for (j, _), scores in zip(jobs, results):
+        per_slot[j].extend(scores)
+    return per_slot
 
 
 @dataclass(frozen=True)
@@ -93,6 +154,7 @@ async def run_engine_step(
     slots: Sequence[int],
     salt: str,
     priority: int = PROBE_PRIORITY,
+    gate: ChunkGate | None = None,
 ) -> StepOutcome:
     started = time.perf_counter()
     batch = batch_indices(job_seed, step, batch_size, len(data))
@@ -106,12 +168,19 @@ async def run_engine_step(
         round_slots = list(slots[: len(probes)])
         await binding.write_probes(key, step, seeds.as_tuple(), probes_to_wire(probes), round_slots)
         round_index = len(losses)
-        results = await asyncio.gather(
-            *(
-                probe_batch_score(binding, data, batch, sequences, slot, salt=f"{salt}:{step}:{round_index + j}", priority=priority)
-                for j, slot in enumerate(round_slots)
-            )
-        )
+        salts = [f"{salt}:{step}:{round_index + j}" for j in range(len(round_slots))]
+        if isinstance(data, EncodedReward):  # generated, then matched: the round enters as one chunk
+            num_round_tokens = len(round_slots) * sum(len(seq.token_ids) for seq in sequences)
+            async with gate.admit(num_round_tokens) if gate is not None else contextlib.nullcontext():
+                results = await asyncio.gather(
+                    *(
+                        probe_batch_score(binding, data, batch, sequences, slot, salt=salt_j, priority=priority)
+                        for slot, salt_j in zip(round_slots, salts)
+                    )
+                )
+        else:
+            per_slot = await score_round(binding, sequences, round_slots, salts, priority, gate)
+            results = [data.score_batch(batch, scores) for scores in per_slot]
         losses += tuple(result.loss for result in results)
         num_sequences += len(round_slots) * len(sequences)
     record = finish_step(method, seeds, losses, lr)

@@ -69,6 +69,8 @@ def create_app(settings: Settings | None = None, binding: EngineBinding | None =
             coscheduling=CoSchedulerConfig(
                 target_ttft_ms=settings.coscheduler_target_ttft_ms,
                 max_tokens_in_flight=settings.coscheduler_max_tokens_in_flight,
+                chunk_tokens=settings.coscheduler_chunk_tokens,
+                fairness_max_lead_tokens=settings.coscheduler_fairness_max_lead_tokens,
             ),
         )
         app.state.runtime = runtime

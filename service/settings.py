@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     # The user time-to-first-token p95 the co-scheduler keeps ZO work under.
     coscheduler_target_ttft_ms: float = Field(500.0, gt=0)
     coscheduler_max_tokens_in_flight: int = Field(8192, ge=1)
+    coscheduler_chunk_tokens: int = Field(256, ge=1)  # probe tokens per chunk: a user waits behind ~one
+    coscheduler_fairness_max_lead_tokens: float = Field(0.0, ge=0)
     data_dir: Path = Path(".zoserve")
     redis_url: str | None = None
     # Full adapter snapshot every N committed versions (replay covers the ones between).

@@ -148,6 +148,10 @@ class EngineBinding:
             finally:
                 await self._engine.remove_lora(lora_id)
 
+    async def check_health(self) -> None:
+        """Raises if the engine core is dead (vLLM's own check)."""
+        await self._engine.check_health()
+
     def shutdown(self) -> None:
         self._engine.shutdown()
 

@@ -13,13 +13,15 @@ Tags keep that history instead.
 - Virtual time is the largest start tag granted so far (SFQ: the start tag of the work in service).
 - A new or resumed job joins at the current virtual time, so it cannot claim credit for time it was away
   and does not owe anything either.
-- A job whose step just finished re-enters at max(its tag, virtual time): a job is not backlogged while its
-  step is in flight, so like an idle SFQ flow it banks no credit for the time it could not use. Without this,
-  a job capped by its own step latency falls far behind in virtual time and later locks everyone else out
-  while it "catches up" on service it could never have used.
+- **Shares are enforced, not just ordered.** A ZO job has at most one step in flight, so when the token
+  budget has room, ordering grants changes nothing: two latency-bound jobs would each run back to back and
+  split the engine 50/50 whatever their weights. So a ready job may start a step only while its tag is no
+  more than `max_lead` ahead of the smallest tag of the *active* jobs (ready, stepping, or between two steps
+  for at most `idle_grace_s`). A 1:2 pair then runs 1:2 steps. The job with the smallest tag is always
+  eligible, so nobody deadlocks or starves.
+- A job idle for longer than the grace (evaluating, waiting for data) stops holding the others back and
+  re-enters at max(its tag, virtual time): it banks no credit for the time it did not ask for work.
 - A paused or removed job is dropped at once: its share goes to the others from the next grant on.
-- No starvation: a waiting job's tag stays put while others' grow, so it becomes the smallest within a
-  bounded number of grants, and the planner lets no one overtake the head of the queue (see planner.py).
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ class JobFairState:
     virtual_start: float  # tokens granted / weight, offset to the virtual time at which the job joined
     num_tokens_granted_total: int = 0
     recent_tokens: float = 0.0  # EWMA of tokens granted per round, for the share record
-    has_step_in_flight: bool = False  # as of the last grant or sync; a finished step means re-entry
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,15 @@ def _freeze(jobs: Iterable[JobFairState], virtual_time: float) -> FairnessState:
     return FairnessState(jobs=tuple(sorted(jobs, key=lambda job: job.job_id)), virtual_time=virtual_time)
 
 
-def sync_jobs(state: FairnessState, demands: Iterable[JobDemand]) -> FairnessState:
-    """Admit new and resumed jobs, re-enter jobs whose step finished, drop paused and vanished ones."""
+def is_active(demand: JobDemand, idle_grace_s: float) -> bool:
+    """Counts for fairness: ready, stepping, or between steps for at most the grace."""
+    if demand.is_paused:
+        return False
+    return demand.wants_step or demand.has_step_in_flight or demand.idle_s <= idle_grace_s
+
+
+def sync_jobs(state: FairnessState, demands: Iterable[JobDemand], idle_grace_s: float) -> FairnessState:
+    """Admit new and resumed jobs, re-enter long-idle ones, drop paused and vanished ones."""
     known = state.by_job()
     virtual_time = state.virtual_time
     synced = []
@@ -63,20 +71,32 @@ def sync_jobs(state: FairnessState, demands: Iterable[JobDemand]) -> FairnessSta
         job = known.get(demand.job_id)
         if job is None:
             job = JobFairState(job_id=demand.job_id, virtual_start=virtual_time)
-        elif job.has_step_in_flight and not demand.has_step_in_flight:
+        elif not is_active(demand, idle_grace_s):
             job = replace(job, virtual_start=max(job.virtual_start, virtual_time))
-        synced.append(replace(job, has_step_in_flight=demand.has_step_in_flight))
+        synced.append(job)
     return _freeze(synced, virtual_time)
 
 
-def fair_order(state: FairnessState, demands: Iterable[JobDemand]) -> tuple[JobDemand, ...]:
-    """Jobs that could start a step now (not paused, none in flight), most owed first."""
+def fair_order(
+    state: FairnessState, demands: Iterable[JobDemand], idle_grace_s: float, max_lead: float = 0.0
+) -> tuple[tuple[JobDemand, ...], tuple[JobDemand, ...]]:
+    """(eligible, ahead): ready jobs within `max_lead` of the smallest active tag, most owed first; and the
+    ready jobs that are ahead of their share and must wait."""
+    require(max_lead >= 0.0, "max_lead", f"must be >= 0, got {max_lead}")
+    demands = tuple(demands)
     tags = state.by_job()
-    ready = [demand for demand in demands if not demand.is_paused and not demand.has_step_in_flight]
-    for demand in ready:
-        if demand.job_id not in tags:
+    for demand in demands:
+        if not demand.is_paused and demand.job_id not in tags:
             raise PlanningError(f"job_id: {demand.job_id!r} is not in the fairness state; call sync_jobs first")
-    return tuple(sorted(ready, key=lambda demand: (tags[demand.job_id].virtual_start, demand.job_id)))
+    active = [tags[d.job_id].virtual_start for d in demands if is_active(d, idle_grace_s)]
+    floor = min(active) if active else 0.0
+    ready = sorted(
+        (d for d in demands if d.is_ready), key=lambda d: (tags[d.job_id].virtual_start, d.job_id)
+    )
+    limit = floor + max_lead + 1e-9 * max(1.0, abs(floor))  # equal tags summed in another order still tie
+    eligible = tuple(d for d in ready if tags[d.job_id].virtual_start <= limit)
+    ahead = tuple(d for d in ready if tags[d.job_id].virtual_start > limit)
+    return eligible, ahead
 
 
 def charge(state: FairnessState, job_id: str, num_tokens: int, weight: float) -> FairnessState:
@@ -91,7 +111,6 @@ def charge(state: FairnessState, job_id: str, num_tokens: int, weight: float) ->
         job,
         virtual_start=job.virtual_start + num_tokens / weight,
         num_tokens_granted_total=job.num_tokens_granted_total + num_tokens,
-        has_step_in_flight=True,
     )
     return _freeze(jobs.values(), max(state.virtual_time, job.virtual_start))
 
@@ -108,7 +127,6 @@ def refund(state: FairnessState, job_id: str, num_tokens: int, weight: float) ->
         job,
         virtual_start=job.virtual_start - num_tokens / weight,
         num_tokens_granted_total=max(0, job.num_tokens_granted_total - num_tokens),
-        has_step_in_flight=False,
     )
     return _freeze(jobs.values(), state.virtual_time)
 

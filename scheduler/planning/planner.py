@@ -1,17 +1,21 @@
-"""One planning round: budget, fair order, token and slot admission, and the visibility record.
+"""One planning round: budget, fair step grants, slots, chunk admission, and the visibility record.
 
 `plan_round(config, state, observation)` is a pure function. The plan it returns carries `next_state`; the
 caller keeps that and passes it to the next round, so no policy state hides in an object between calls.
 
-Admission walks jobs in fair order (fairness.py) and admits a job's whole step when its tokens fit in
-`budget - tokens in flight` and its 2q probe slots fit (slots.py). When the job at the head of the order
-does not fit yet, no job behind it is admitted this round (no overtaking): otherwise small steps would keep
-slipping into every gap and a large step would wait forever. Jobs that can never fit (a step above
-`max_tokens_in_flight`, or more probe slots than the engine can ever spare) are skipped and block no one.
+Two levels of admission:
 
-A head step larger than the current budget waits until no probe is in flight and then runs alone, if no
-user waits and latency is within target (`admit_oversize_step_alone`). This bounds what a big-step job can
-cost users to one step at a time and keeps it from starving; splitting steps into chunks would do better.
+1. **Steps** (which job may run its next step now): jobs in fair order (fairness.py), each within its
+   weighted share, get their 2q probe slots (slots.py, all or nothing, no overtaking). Fairness charges the
+   whole step's tokens at grant time. A step grant does not put anything into the engine yet.
+2. **Chunks** (how much probe work is in the engine): a granted step submits its sequences as chunks of a
+   few hundred tokens. Chunks enter FIFO while tokens in flight + the chunk fit the controller's budget
+   (controller.py); the head chunk blocks the ones behind it. A chunk larger than the budget enters alone
+   when nothing else is in flight, so no step can be stuck.
+
+So the budget bounds the probe tokens any engine forward can hold, which is what a user arriving waits
+behind, and the controller moves it between one chunk (users present, latency tight) and the engine's
+full width (no users).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from scheduler.planning.fairness import (
     sync_jobs,
 )
 from scheduler.planning.records import (
+    ChunkRequest,
     JobDemand,
     JobShareRecord,
     JobStatus,
@@ -50,10 +55,11 @@ class PlannerConfig:
     num_slots: int
     num_reserved_serving_slots: int = 0
     share_decay: float = 0.9  # EWMA decay per round of the per-job share shown in the record
-    # A step larger than the current budget (but within max_tokens_in_flight) may run alone when no probe is
-    # in flight, no user waits and latency is within target, like TCP sending one segment whatever cwnd says.
-    # Without it, a big-step job starves whenever users keep the budget below its step size.
-    admit_oversize_step_alone: bool = True
+    # How far (virtual time: tokens / weight) a job may run ahead of the slowest active job; 0 is strict.
+    fairness_max_lead: float = 0.0
+    # A job between two steps keeps its place for this long (commit and publish take milliseconds; an
+    # evaluation or a data wait longer than this must not hold the other jobs back).
+    fairness_idle_grace_s: float = 1.0
 
     def __post_init__(self) -> None:
         require(isinstance(self.controller, ControllerConfig), "controller", "must be a ControllerConfig")
@@ -62,6 +68,10 @@ class PlannerConfig:
         require_count(self.num_reserved_serving_slots, "num_reserved_serving_slots")
         require(self.num_reserved_serving_slots < self.num_slots, "num_reserved_serving_slots", "must be < num_slots")
         require(0.0 <= self.share_decay < 1.0, "share_decay", "must be in [0, 1)")
+        require_finite(self.fairness_max_lead, "fairness_max_lead")
+        require(self.fairness_max_lead >= 0.0, "fairness_max_lead", "must be >= 0")
+        require_finite(self.fairness_idle_grace_s, "fairness_idle_grace_s")
+        require(self.fairness_idle_grace_s >= 0.0, "fairness_idle_grace_s", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,8 @@ def initial_planner_state(config: PlannerConfig) -> PlannerState:
 class RoundObservation:
     """Everything the planner needs, gathered by the loop right before it calls `plan_round`.
 
-    num_probe_tokens_in_flight: scoring tokens submitted and not yet finished (a step's sequences count
-        until each one returns its log-probs).
+    num_probe_tokens_in_flight: tokens of admitted chunks not yet returned from the engine.
+    chunk_requests: chunks of granted steps waiting to enter the engine, oldest first.
     """
 
     now_s: float
@@ -89,6 +99,7 @@ class RoundObservation:
     jobs: tuple[JobDemand, ...] = ()
     slots: tuple[SlotOccupancy, ...] = ()
     serving_demands: tuple[ServingDemand, ...] = ()
+    chunk_requests: tuple[ChunkRequest, ...] = ()
 
     def __post_init__(self) -> None:
         require_finite(self.now_s, "now_s")
@@ -96,11 +107,13 @@ class RoundObservation:
         require_count(self.num_probe_tokens_in_flight, "num_probe_tokens_in_flight")
         job_ids = [job.job_id for job in self.jobs]
         require(len(set(job_ids)) == len(job_ids), "jobs", "a job_id appears twice")
+        request_ids = [chunk.request_id for chunk in self.chunk_requests]
+        require(len(set(request_ids)) == len(request_ids), "chunk_requests", "a request_id appears twice")
 
 
 @dataclass(frozen=True)
 class StepGrant:
-    """Submit one step of `job_id` now: write its 2q probe states into `probe_slot_ids`, then its sequences."""
+    """`job_id` may run one step now: write its 2q probe states into `probe_slot_ids`, then ask for chunks."""
 
     job_id: str
     num_tokens: int
@@ -110,68 +123,47 @@ class StepGrant:
 @dataclass(frozen=True)
 class RoundPlan:
     step_grants: tuple[StepGrant, ...]
+    chunk_grants: tuple[ChunkRequest, ...]  # submit these chunks to the engine now
     slots: SlotPlan
     record: PlannerRecord
     next_state: PlannerState
 
     @property
     def num_tokens_admitted(self) -> int:
-        return sum(grant.num_tokens for grant in self.step_grants)
+        return sum(chunk.num_tokens for chunk in self.chunk_grants)
 
 
-def _admit_tokens(
-    config: PlannerConfig,
-    ordered: tuple[JobDemand, ...],
-    controller: ControllerState,
-    observation: RoundObservation,
-) -> tuple[list[JobDemand], dict[str, JobStatus]]:
-    budget = controller.budget_tokens
-    num_free_tokens = max(0, budget - observation.num_probe_tokens_in_flight)
-    latency_ok = controller.measured_ttft_ms is None or controller.measured_ttft_ms <= controller.target_ttft_ms
-    may_run_alone = (
-        config.admit_oversize_step_alone
-        and budget > 0  # a zero budget means "ZO off", not "one step at a time"
-        and observation.num_probe_tokens_in_flight == 0
-        and observation.latency.num_user_waiting == 0
-        and latency_ok
-    )
-    admitted: list[JobDemand] = []
-    statuses: dict[str, JobStatus] = {}
-    head_blocked = False
-    for job in ordered:
-        oversize = job.num_step_tokens > budget
-        if job.num_step_tokens > config.controller.max_tokens_in_flight or (
-            oversize and not config.admit_oversize_step_alone
-        ):
-            statuses[job.job_id] = JobStatus.STEP_EXCEEDS_MAX  # can never fit: skipped, blocks no one
-        elif head_blocked:
-            statuses[job.job_id] = JobStatus.BEHIND_BLOCKED_JOB
-        elif not oversize and job.num_step_tokens <= num_free_tokens:
-            admitted.append(job)
-            num_free_tokens -= job.num_step_tokens
-        elif oversize and may_run_alone and not admitted:
-            admitted.append(job)
-            head_blocked = True  # alone means alone
+def admit_chunks(
+    budget_tokens: int, num_tokens_in_flight: int, requests: tuple[ChunkRequest, ...]
+) -> tuple[ChunkRequest, ...]:
+    """FIFO admission under the budget; the head blocks the rest; an oversize head enters alone."""
+    admitted: list[ChunkRequest] = []
+    in_flight = num_tokens_in_flight
+    for chunk in requests:
+        if in_flight + chunk.num_tokens <= budget_tokens or (in_flight == 0 and budget_tokens > 0):
+            admitted.append(chunk)
+            in_flight += chunk.num_tokens
         else:
-            # Head of the queue waits for in-flight probes to drain (or the budget to grow); nobody overtakes.
-            statuses[job.job_id] = JobStatus.STEP_EXCEEDS_BUDGET if oversize else JobStatus.WAITING_FOR_TOKENS
-            head_blocked = True
-    return admitted, statuses
+            break
+    return tuple(admitted)
 
 
 def plan_round(config: PlannerConfig, state: PlannerState, observation: RoundObservation) -> RoundPlan:
     in_flight = observation.num_probe_tokens_in_flight
-    fairness = sync_jobs(state.fairness, observation.jobs)
-    ordered = fair_order(fairness, observation.jobs)
-    wanted = in_flight + sum(job.num_step_tokens for job in ordered)
-    controller = update_budget(config.controller, state.controller, observation.latency, in_flight, wanted)
+    fairness = sync_jobs(state.fairness, observation.jobs, config.fairness_idle_grace_s)
+    eligible, ahead = fair_order(fairness, observation.jobs, config.fairness_idle_grace_s, config.fairness_max_lead)
+    queued = sum(chunk.num_tokens for chunk in observation.chunk_requests)
+    wanted = in_flight + queued + sum(job.num_step_tokens for job in eligible)
+    controller = update_budget(
+        config.controller, state.controller, observation.latency, in_flight, wanted, observation.now_s
+    )
 
-    admitted, statuses = _admit_tokens(config, ordered, controller, observation)
+    statuses: dict[str, JobStatus] = {job.job_id: JobStatus.AHEAD_OF_SHARE for job in ahead}
     slot_plan = plan_slots(
         config.num_slots,
         observation.slots,
         observation.serving_demands,
-        [ProbeDemand(job.job_id, job.num_probe_slots) for job in admitted],
+        [ProbeDemand(job.job_id, job.num_probe_slots) for job in eligible],
         config.num_reserved_serving_slots,
     )
     statuses.update(dict(slot_plan.blocked_jobs))
@@ -186,9 +178,22 @@ def plan_round(config: PlannerConfig, state: PlannerState, observation: RoundObs
     granted_tokens = {grant.job_id: grant.num_tokens for grant in grants}
     fairness = close_round(fairness, granted_tokens, config.share_decay)
 
+    chunks = admit_chunks(controller.budget_tokens, in_flight, observation.chunk_requests)
     next_state = PlannerState(controller=controller, fairness=fairness, num_rounds=state.num_rounds + 1)
-    record = _record(config, next_state, observation, slot_plan, statuses, granted_tokens)
-    return RoundPlan(step_grants=tuple(grants), slots=slot_plan, record=record, next_state=next_state)
+    record = _record(config, next_state, observation, slot_plan, statuses, granted_tokens, chunks)
+    return RoundPlan(
+        step_grants=tuple(grants), chunk_grants=chunks, slots=slot_plan, record=record, next_state=next_state
+    )
+
+
+def _job_status(job: JobDemand, statuses: dict[str, JobStatus]) -> JobStatus:
+    if job.is_paused:
+        return JobStatus.PAUSED
+    if job.has_step_in_flight:
+        return JobStatus.STEP_IN_FLIGHT
+    if not job.wants_step:
+        return JobStatus.IDLE
+    return statuses[job.job_id]
 
 
 def _record(
@@ -198,29 +203,24 @@ def _record(
     slot_plan: SlotPlan,
     statuses: dict[str, JobStatus],
     granted_tokens: dict[str, int],
+    chunks: tuple[ChunkRequest, ...],
 ) -> PlannerRecord:
     fair = state.fairness.by_job()
     shares = recent_shares(state.fairness)
     jobs = []
     for job in sorted(observation.jobs, key=lambda job: job.job_id):
-        if job.is_paused:
-            status = JobStatus.PAUSED
-        elif job.has_step_in_flight:
-            status = JobStatus.STEP_IN_FLIGHT
-        else:
-            status = statuses[job.job_id]
         entry = fair.get(job.job_id)
         jobs.append(
             JobShareRecord(
                 job_id=job.job_id,
                 weight=job.weight,
-                status=status,
+                status=_job_status(job, statuses),
                 num_tokens_granted=granted_tokens.get(job.job_id, 0),
                 num_tokens_granted_total=0 if entry is None else entry.num_tokens_granted_total,
                 recent_token_share=shares.get(job.job_id, 0.0),
             )
         )
-    num_admitted = sum(granted_tokens.values())
+    num_admitted = sum(chunk.num_tokens for chunk in chunks)
     train = observation.num_probe_tokens_in_flight + num_admitted
     serve = observation.latency.num_user_tokens_in_flight
     total = train + serve
@@ -236,6 +236,8 @@ def _record(
         budget_reason=state.controller.last_reason.value,
         num_probe_tokens_in_flight=observation.num_probe_tokens_in_flight,
         num_tokens_admitted=num_admitted,
+        num_step_tokens_granted=sum(granted_tokens.values()),
+        num_chunks_waiting=len(observation.chunk_requests) - len(chunks),
         num_user_tokens_in_flight=serve,
         num_user_waiting=observation.latency.num_user_waiting,
         num_engine_running=observation.latency.num_engine_running,
@@ -251,5 +253,5 @@ def _record(
 
 
 def refund_step(state: PlannerState, grant: StepGrant, weight: float) -> PlannerState:
-    """Give back a granted step the loop could not submit, so the job does not pay for work never done."""
+    """Give back a granted step the loop could not run, so the job does not pay for work never done."""
     return replace(state, fairness=refund(state.fairness, grant.job_id, grant.num_tokens, weight))

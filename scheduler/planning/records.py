@@ -41,6 +41,9 @@ class LatencySignal:
         (waiting = admitted to the engine, not yet scheduled; that is the queue probes can delay).
     num_engine_running / num_engine_waiting: the engine's own totals (users + probes), for the record.
     num_user_tokens_in_flight: prompt + generated tokens of running user requests, for the serve/train share.
+    seconds_since_user_arrival_s: time since the latest user request arrived (None: none yet); users come
+        and go between Poisson arrivals, and a short gap is not "no traffic".
+    max_user_wait_ms: how long the oldest user request still without a first token has waited (0: none).
     """
 
     ttft_p95_ms: float | None = None
@@ -49,8 +52,15 @@ class LatencySignal:
     num_engine_running: int = 0
     num_engine_waiting: int = 0
     num_user_tokens_in_flight: int = 0
+    seconds_since_user_arrival_s: float | None = None
+    max_user_wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.seconds_since_user_arrival_s is not None:
+            require_finite(self.seconds_since_user_arrival_s, "seconds_since_user_arrival_s")
+            require(self.seconds_since_user_arrival_s >= 0, "seconds_since_user_arrival_s", "must be >= 0")
+        require_finite(self.max_user_wait_ms, "max_user_wait_ms")
+        require(self.max_user_wait_ms >= 0, "max_user_wait_ms", f"must be >= 0, got {self.max_user_wait_ms}")
         if self.ttft_p95_ms is not None:
             require_finite(self.ttft_p95_ms, "ttft_p95_ms")
             require(self.ttft_p95_ms >= 0, "ttft_p95_ms", f"must be >= 0, got {self.ttft_p95_ms}")
@@ -76,6 +86,8 @@ class JobDemand:
     num_probe_slots: LoRA slots one step needs at once (2q).
     has_step_in_flight: a step was granted and has not finished; ZO steps are sequential (step N+1
         perturbs version N+1), so such a job cannot be granted again until its step completes.
+    wants_step: the job asks for its next step now. A running job between two steps (committing,
+        publishing, evaluating) does not, but still counts for fairness for `idle_s` seconds of grace.
     """
 
     job_id: str
@@ -84,15 +96,42 @@ class JobDemand:
     num_probe_slots: int
     is_paused: bool = False
     has_step_in_flight: bool = False
+    wants_step: bool = True
+    idle_s: float = 0.0  # seconds since its last step finished, while it neither waits nor steps
+
+    @property
+    def is_ready(self) -> bool:
+        return self.wants_step and not self.is_paused and not self.has_step_in_flight
 
     def __post_init__(self) -> None:
         require(isinstance(self.job_id, str) and self.job_id != "", "job_id", "must be a non-empty string")
+        require_finite(self.idle_s, "idle_s")
+        require(self.idle_s >= 0, "idle_s", f"must be >= 0, got {self.idle_s}")
         require_finite(self.weight, "weight")
         require(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
         require_count(self.num_step_tokens, "num_step_tokens")
         require(self.num_step_tokens > 0, "num_step_tokens", "must be > 0")
         require_count(self.num_probe_slots, "num_probe_slots")
         require(self.num_probe_slots > 0, "num_probe_slots", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    """A chunk of a granted step's scoring sequences, queued to enter the engine (FIFO across jobs).
+
+    A step's sequences go in as chunks of a few hundred tokens, so the token budget bounds how much probe
+    work any engine forward holds: a user arriving waits behind at most that much.
+    """
+
+    request_id: int
+    job_id: str
+    num_tokens: int
+
+    def __post_init__(self) -> None:
+        require_count(self.request_id, "request_id")
+        require(isinstance(self.job_id, str) and self.job_id != "", "job_id", "must be a non-empty string")
+        require_count(self.num_tokens, "num_tokens")
+        require(self.num_tokens > 0, "num_tokens", "must be > 0")
 
 
 class SlotKind(enum.Enum):
@@ -146,12 +185,11 @@ class JobStatus(enum.Enum):
     GRANTED = "granted"
     STEP_IN_FLIGHT = "step_in_flight"
     PAUSED = "paused"
-    WAITING_FOR_TOKENS = "waiting_for_tokens"  # head of the fair queue; waits for in-flight probes to drain
-    STEP_EXCEEDS_BUDGET = "step_exceeds_budget"  # head job, step above the current budget: waits to run alone
-    STEP_EXCEEDS_MAX = "step_exceeds_max"  # step above max_tokens_in_flight (or oversize steps disabled): skipped
     WAITING_FOR_SLOTS = "waiting_for_slots"
     NEEDS_MORE_SLOTS_THAN_EXIST = "needs_more_slots_than_exist"
     BEHIND_BLOCKED_JOB = "behind_blocked_job"  # a job ahead in fair order is waiting; no overtaking
+    AHEAD_OF_SHARE = "ahead_of_share"  # has had more than its weighted share: waits for the others
+    IDLE = "idle"  # between two steps (committing, evaluating)
 
 
 @dataclass(frozen=True)
@@ -174,8 +212,10 @@ class PlannerRecord:
     measured_ttft_ms: float | None
     target_ttft_ms: float
     budget_reason: str
-    num_probe_tokens_in_flight: int  # before this round's grants
-    num_tokens_admitted: int
+    num_probe_tokens_in_flight: int  # before this round's chunk grants
+    num_tokens_admitted: int  # chunk tokens admitted into the engine this round
+    num_step_tokens_granted: int  # tokens of the steps granted this round (what fairness charges)
+    num_chunks_waiting: int  # chunks still queued after this round
     num_user_tokens_in_flight: int
     num_user_waiting: int
     num_engine_running: int

@@ -5,7 +5,8 @@ Each round the engine prefills `num_tokens_per_round` tokens, shared between use
 sequences in proportion to their backlogs (chunked prefill batches both; priority only orders the waiting
 queue, it does not shrink running probes). Users are served first-come first-served among themselves; a user
 whose prompt finishes gets a TTFT sample and then decodes for `num_decode_rounds` rounds (one token each).
-Probe steps progress in proportion to their remaining tokens; a step is done when all its tokens are.
+A granted step queues its tokens as chunks of `num_chunk_tokens`; admitted chunks are processed in
+proportion to their size, and a step is done when all its chunks are.
 
 Deterministic: the same inputs give the same trace. Pure: no clock, no threads, no I/O.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from scheduler.planning.controller import percentile_ms
 from scheduler.planning.planner import PlannerConfig, RoundObservation, initial_planner_state, plan_round
 from scheduler.planning.records import (
+    ChunkRequest,
     JobDemand,
     LatencySignal,
     PlannerRecord,
@@ -37,6 +39,7 @@ class SyntheticEngine:
     num_user_prompt_tokens: int = 256
     num_decode_rounds: int = 4
     ttft_window_rounds: int = 10  # the service's sliding window for p95
+    num_chunk_tokens: int = 256
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,19 @@ class _User:  # mutable simulation internals never leave this module
 
 
 @dataclass
+class _Chunk:
+    request_id: int
+    job_id: str
+    num_tokens: int
+    num_tokens_left: float = 0.0
+    is_admitted: bool = False
+
+
+@dataclass
 class _Step:
     job_id: str
-    num_tokens_left: float
     slot_ids: tuple[int, ...]
+    chunks: list[_Chunk]
 
 
 @dataclass
@@ -76,6 +88,17 @@ class _World:
     steps: dict[str, _Step] = field(default_factory=dict)
     ttft_samples: list[tuple[int, float]] = field(default_factory=list)
     scored: dict[str, float] = field(default_factory=dict)
+    last_arrival_round: int | None = None
+    next_chunk_id: int = 0
+
+    def new_chunks(self, job_id: str, num_tokens: int, chunk_tokens: int) -> list[_Chunk]:
+        chunks = []
+        while num_tokens > 0:
+            size = min(chunk_tokens, num_tokens)
+            chunks.append(_Chunk(self.next_chunk_id, job_id, size, float(size)))
+            self.next_chunk_id += 1
+            num_tokens -= size
+        return chunks
 
 
 def _is_paused(job: SimJob, round_index: int) -> bool:
@@ -87,7 +110,12 @@ def _observe(engine: SyntheticEngine, world: _World, jobs: Sequence[SimJob], rou
     prefilling = [user for user in world.users if user.num_prompt_left > 0]
     waiting = [user for user in prefilling if user.num_prompt_left == engine.num_user_prompt_tokens]
     user_tokens = sum(user.num_prompt_left + (user.num_decode_left > 0) for user in world.users)
-    probe_tokens = int(sum(step.num_tokens_left for step in world.steps.values()) + 0.999)
+    admitted = [chunk for step in world.steps.values() for chunk in step.chunks if chunk.is_admitted]
+    queued = sorted(
+        (chunk for step in world.steps.values() for chunk in step.chunks if not chunk.is_admitted),
+        key=lambda chunk: chunk.request_id,
+    )
+    probe_tokens = sum(chunk.num_tokens for chunk in admitted)
     slots = [SlotOccupancy(0, SlotKind.SERVING, "base-adapter@1", len(world.users), float(round_index))]
     for step in world.steps.values():
         slots += [SlotOccupancy(slot_id, SlotKind.PROBE, step.job_id, 1) for slot_id in step.slot_ids]
@@ -100,6 +128,14 @@ def _observe(engine: SyntheticEngine, world: _World, jobs: Sequence[SimJob], rou
             num_engine_running=len(world.users) - len(waiting) + len(world.steps),
             num_engine_waiting=len(waiting),
             num_user_tokens_in_flight=user_tokens,
+            seconds_since_user_arrival_s=(
+                None
+                if world.last_arrival_round is None
+                else (round_index - world.last_arrival_round) * engine.round_ms / 1000.0
+            ),
+            max_user_wait_ms=max(  # no first token yet, whether queued or part-way through its prefill
+                ((round_index - user.arrival_round) * engine.round_ms for user in prefilling), default=0.0
+            ),
         ),
         num_probe_tokens_in_flight=probe_tokens,
         jobs=tuple(
@@ -115,12 +151,14 @@ def _observe(engine: SyntheticEngine, world: _World, jobs: Sequence[SimJob], rou
         ),
         slots=tuple(slots),
         serving_demands=(ServingDemand("base-adapter@1", is_pinned=True, last_used_s=float(round_index)),),
+        chunk_requests=tuple(ChunkRequest(chunk.request_id, chunk.job_id, chunk.num_tokens) for chunk in queued),
     )
 
 
 def _run_engine_round(engine: SyntheticEngine, world: _World, round_index: int) -> None:
     user_backlog = sum(user.num_prompt_left + (user.num_decode_left > 0) for user in world.users)
-    probe_backlog = sum(step.num_tokens_left for step in world.steps.values())
+    running = [chunk for step in world.steps.values() for chunk in step.chunks if chunk.is_admitted]
+    probe_backlog = sum(chunk.num_tokens_left for chunk in running)
     capacity = float(engine.num_tokens_per_round)
     total = user_backlog + probe_backlog
     user_capacity = user_backlog if total <= capacity else capacity * user_backlog / total
@@ -141,11 +179,14 @@ def _run_engine_round(engine: SyntheticEngine, world: _World, round_index: int) 
     world.users = [user for user in world.users if user.num_prompt_left > 0 or user.num_decode_left > 0]
 
     for job_id, step in list(world.steps.items()):
-        share = probe_capacity * step.num_tokens_left / probe_backlog if probe_backlog else 0.0
-        done = min(step.num_tokens_left, share)
-        step.num_tokens_left -= done
-        world.scored[job_id] = world.scored.get(job_id, 0.0) + done
-        if step.num_tokens_left <= 1e-6:
+        for chunk in [chunk for chunk in step.chunks if chunk.is_admitted]:
+            share = probe_capacity * chunk.num_tokens_left / probe_backlog if probe_backlog else 0.0
+            done = min(chunk.num_tokens_left, share)
+            chunk.num_tokens_left -= done
+            world.scored[job_id] = world.scored.get(job_id, 0.0) + done
+            if chunk.num_tokens_left <= 1e-6:
+                step.chunks.remove(chunk)
+        if not step.chunks:
             del world.steps[job_id]
 
 
@@ -169,8 +210,15 @@ def simulate(
         state = plan.next_state
         records.append(plan.record)
         for grant in plan.step_grants:
-            world.steps[grant.job_id] = _Step(grant.job_id, float(grant.num_tokens), grant.probe_slot_ids)
+            chunks = world.new_chunks(grant.job_id, grant.num_tokens, engine.num_chunk_tokens)
+            world.steps[grant.job_id] = _Step(grant.job_id, grant.probe_slot_ids, chunks)
+        admitted_ids = {chunk.request_id for chunk in plan.chunk_grants}
+        for step in world.steps.values():
+            for chunk in step.chunks:
+                chunk.is_admitted = chunk.is_admitted or chunk.request_id in admitted_ids
         max_slots_in_use = max(max_slots_in_use, len(plan.slots.occupancy))
+        if num_arrivals:
+            world.last_arrival_round = round_index
         world.users += [
             _User(round_index, engine.num_user_prompt_tokens, engine.num_decode_rounds) for _ in range(num_arrivals)
         ]

@@ -8,8 +8,7 @@ from scheduler.planning import ControllerConfig, JobStatus, LatencySignal, Plann
 
 
 WAITING = {
-    JobStatus.WAITING_FOR_TOKENS,
-    JobStatus.STEP_EXCEEDS_BUDGET,
+    JobStatus.AHEAD_OF_SHARE,
     JobStatus.WAITING_FOR_SLOTS,
     JobStatus.BEHIND_BLOCKED_JOB,
 }
@@ -36,6 +35,46 @@ def test_weights_one_to_two_with_different_step_sizes_converge():
             harness.round(jobs)
         light, heavy = shares(harness.granted, ["light", "heavy"])
         assert abs(light - 1 / 3) < 0.05 and abs(heavy - 2 / 3) < 0.05, (small_step, big_step, light)
+
+
+def test_weights_hold_when_the_budget_has_room():
+    # Each job has one step in flight at most; with a budget far above both steps, ordering grants alone
+    # would split 50/50. Shares are enforced by holding the job that is ahead.
+    jobs = [Job("light", 1.0, 1500), Job("heavy", 2.0, 1500)]
+    harness = Harness(fixed_budget(100_000))
+    for _ in range(600):
+        harness.round(jobs)
+    light, heavy = shares(harness.granted, ["light", "heavy"])
+    assert abs(heavy - 2 / 3) < 0.02, heavy
+    light_admitted, heavy_admitted = shares(harness.admitted, ["light", "heavy"])
+    assert abs(heavy_admitted - 2 / 3) < 0.02, heavy_admitted
+    statuses = [{r.job_id: r.status for r in plan.record.jobs}["light"] for plan in harness.plans]
+    assert JobStatus.AHEAD_OF_SHARE in statuses
+
+
+def test_a_lead_lets_jobs_overlap_and_still_converges():
+    jobs = [Job("light", 1.0, 1000), Job("heavy", 2.0, 1000)]
+    harness = Harness(fixed_budget(100_000, fairness_max_lead=1000.0))
+    for _ in range(900):
+        harness.round(jobs)
+    _, heavy = shares(harness.granted, ["light", "heavy"])
+    assert abs(heavy - 2 / 3) < 0.03, heavy
+
+
+def test_a_job_between_steps_holds_its_place_only_for_the_grace():
+    from scheduler.planning import JobDemand, RoundObservation, initial_planner_state, plan_round
+
+    config = fixed_budget(100_000, fairness_idle_grace_s=1.0)
+    state = initial_planner_state(config)
+
+    def round_at(now_s, a_idle_s):
+        a = JobDemand("a", 1.0, 1000, 2, wants_step=False, idle_s=a_idle_s)
+        b = JobDemand("b", 1.0, 1000, 2)
+        return plan_round(config, state, RoundObservation(now_s, LatencySignal(), 0, jobs=(a, b)))
+
+    state = round_at(0.0, 0.0).next_state  # b is granted, a idles at the same tag
+    assert round_at(0.1, 0.1).step_grants == ()  # b is ahead of a, which is between steps: b waits
+    assert [g.job_id for g in round_at(2.0, 2.0).step_grants] == ["b"]  # a idled past the grace
 
 
 @settings(max_examples=15, deadline=None, database=None)
@@ -74,7 +113,9 @@ def test_paused_job_releases_its_share_at_once_and_banks_no_credit():
     for _ in range(30):
         harness.round(jobs)
     resumed = [job_id for grants in harness.grants_log[log_start:] for job_id in grants]
-    assert 8 <= resumed.count("c") <= 12  # a third, not a catch-up burst for the time it was away
+    # a third, not a catch-up burst for the time it was away
+    assert len(resumed) >= 12 and abs(resumed.count("c") - len(resumed) / 3) <= 1.5, resumed
+    assert resumed[:6].count("c") <= 2
 
 
 @settings(max_examples=40, deadline=None, database=None)
@@ -87,38 +128,35 @@ def test_paused_job_releases_its_share_at_once_and_banks_no_credit():
     st.floats(0.5, 2.0),
     st.integers(300, 3000),
 )
-# A job capped by its own step latency (one step in flight) once banked credit and then locked the others out.
-@example(specs=[(1.0, 100, 1), (2.0, 100, 1), (0.5, 803, 1)], budget_scale=1.0, rate=300)
-def test_no_job_starves(specs, budget_scale, rate):
+@example(specs=[(1.0, 100, 1), (2.0, 100, 1), (0.5, 803, 1)], budget_scale=1.0, chunk=300)
+def test_no_job_starves(specs, budget_scale, chunk):
     jobs = [Job(f"j{i}", weight, step, slots) for i, (weight, step, slots) in enumerate(specs)]
-    max_step = max(step for _, step, _ in specs)
-    budget = max(1, int(max_step * budget_scale))  # some steps may exceed the budget, none exceeds the max
+    budget = max(1, int(chunk * budget_scale))  # some chunks may exceed the budget
     controller = ControllerConfig(
-        target_ttft_ms=100.0, max_tokens_in_flight=2 * max_step, min_tokens_in_flight=1, initial_tokens_in_flight=budget
+        target_ttft_ms=100.0, max_tokens_in_flight=4 * chunk, min_tokens_in_flight=1, initial_tokens_in_flight=budget
     )
     # Users present with p95 inside the hysteresis band: the controller holds the budget where it is.
     in_band = LatencySignal(ttft_p95_ms=90.0, num_user_running=2)
-    harness = Harness(PlannerConfig(controller=controller, num_slots=8), tokens_per_round_per_step=rate)
-    for _ in range(400):
+    harness = Harness(PlannerConfig(controller=controller, num_slots=8), chunk_tokens=chunk)
+    for _ in range(600):
         harness.round(jobs, latency=in_band)
     assert {plan.next_state.controller.budget_tokens for plan in harness.plans} == {budget}
     # Weighted, not equal: a job with a big step and a small weight may run rarely. No starvation means its
-    # longest wait is bounded: while it waits, another job j gets at most the grants that close their
-    # virtual-time gap (its step cost / j's step cost, plus one), each lasting j's step duration.
-    rounds_in_flight = {job.job_id: math.ceil(job.num_step_tokens / rate) for job in jobs}
+    # longest wait is bounded: while it waits (ahead of its share, or for slots), every other job j runs at
+    # most the steps that close their virtual-time gap (its step cost / j's step cost, plus one), each
+    # lasting at most all steps' chunks in a row (every chunk takes a round, one at a time in the worst case).
+    worst_step_rounds = 2 + sum(math.ceil(job.num_step_tokens / min(chunk, budget)) for job in jobs)
     for job in jobs:
         cost = job.num_step_tokens / job.weight
-        bound = 2 + max(rounds_in_flight.values()) + sum(
-            (math.ceil(cost / (other.num_step_tokens / other.weight)) + 1) * (rounds_in_flight[other.job_id] + 1)
-            for other in jobs
-            if other is not job
+        bound = worst_step_rounds * (
+            1 + sum(math.ceil(cost / (other.num_step_tokens / other.weight)) + 1 for other in jobs if other is not job)
         )
         statuses = [{r.job_id: r.status for r in plan.record.jobs}[job.job_id] for plan in harness.plans]
         assert longest_wait(statuses) <= bound, (job.job_id, bound)
         assert JobStatus.GRANTED in statuses
-    # Everything granted fits the budget, except an oversize step admitted alone.
+    # Everything admitted fits the budget, except a chunk admitted alone.
     for plan in harness.plans:
-        if plan.step_grants:
+        if plan.chunk_grants:
             in_flight_after = plan.num_tokens_admitted + plan.record.num_probe_tokens_in_flight
-            alone = len(plan.step_grants) == 1 and plan.record.num_probe_tokens_in_flight == 0
+            alone = len(plan.chunk_grants) == 1 and plan.record.num_probe_tokens_in_flight == 0
             assert in_flight_after <= budget or alone

@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.planning import (
+    ChunkRequest,
     ControllerConfig,
     JobDemand,
     JobStatus,
@@ -29,7 +30,7 @@ CONFIG = PlannerConfig(
 )
 JOBS = [SimJob("a", 1.0, 6000, 4), SimJob("b", 2.0, 2000, 2), SimJob("c", 1.0, 4000, 2)]
 ARRIVAL_ROUND = 40
-TRAFFIC = [0] * ARRIVAL_ROUND + [1, 2] * 60 + [0] * 40
+TRAFFIC = [0] * ARRIVAL_ROUND + [1, 2] * 60 + [0] * 80  # the tail outlasts the controller's traffic memory
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,8 @@ def test_no_traffic_fills_the_engine(traffic_run):
 def test_backs_off_within_a_few_rounds_when_users_arrive(traffic_run):
     max_tokens = CONFIG.controller.max_tokens_in_flight
     after = [record.budget_tokens for record in traffic_run.records[ARRIVAL_ROUND:]]
-    assert min(after[:6]) <= max_tokens // 4
-    assert max(after[10:120]) < max_tokens // 2  # and stays well below while users are there
+    assert after[1] <= max_tokens // 4  # the round after the first arrival: no full-width engine for users
+    assert traffic_run.records[ARRIVAL_ROUND + 1].budget_reason == "users_arrived"
 
 
 def test_users_stay_near_target_once_settled(traffic_run):
@@ -96,7 +97,7 @@ def observation(**overrides):
 def test_plan_and_record_for_one_round():
     config = replace(CONFIG, num_slots=4, num_reserved_serving_slots=0)
     state = initial_planner_state(config)
-    state = replace(state, controller=replace(state.controller, budget_tokens=1000))
+    state = replace(state, controller=replace(state.controller, budget_tokens=1000, had_user_traffic=True))
     plan = plan_round(config, state, observation())
 
     assert [(g.job_id, g.num_tokens) for g in plan.step_grants] == [("a", 500)]
@@ -108,8 +109,8 @@ def test_plan_and_record_for_one_round():
     record = plan.record
     assert record.budget_tokens == plan.next_state.controller.budget_tokens
     assert record.measured_ttft_ms == 80.0 and record.target_ttft_ms == 200.0
-    assert record.train_token_share == pytest.approx(500 / 1500)
-    assert record.serve_token_share == pytest.approx(1000 / 1500)
+    assert record.num_step_tokens_granted == 500 and record.num_tokens_admitted == 0  # chunks come next round
+    assert record.train_token_share == 0.0 and record.serve_token_share == 1.0
     statuses = {job.job_id: job.status for job in record.jobs}
     assert statuses == {"a": JobStatus.GRANTED, "b": JobStatus.PAUSED}
     shares = {job.job_id: job.recent_token_share for job in record.jobs}
@@ -117,10 +118,27 @@ def test_plan_and_record_for_one_round():
     assert (record.num_slots_serving, record.num_slots_probe, record.num_slots_free) == (2, 2, 0)
 
 
+def test_chunks_enter_fifo_under_the_budget_and_the_head_blocks():
+    state = initial_planner_state(CONFIG)
+    state = replace(state, controller=replace(state.controller, budget_tokens=1000, had_user_traffic=True))
+    chunks = (ChunkRequest(1, "a", 300), ChunkRequest(2, "b", 300), ChunkRequest(3, "a", 600), ChunkRequest(4, "b", 10))
+    in_band = LatencySignal(ttft_p95_ms=170.0, num_user_running=2, num_user_tokens_in_flight=1000)  # budget holds
+    plan = plan_round(CONFIG, state, observation(latency=in_band, num_probe_tokens_in_flight=100, chunk_requests=chunks))
+    assert [c.request_id for c in plan.chunk_grants] == [1, 2]  # 100 + 300 + 300; 600 does not fit, 10 waits
+    assert plan.record.num_tokens_admitted == 600 and plan.record.num_chunks_waiting == 2
+    assert plan.record.train_token_share == pytest.approx(700 / 1700)
+    alone = plan_round(CONFIG, state, observation(latency=in_band, chunk_requests=(ChunkRequest(9, "a", 5000),)))
+    assert [c.request_id for c in alone.chunk_grants] == [9]  # bigger than the budget: enters alone
+    behind = plan_round(
+        CONFIG, state, observation(latency=in_band, num_probe_tokens_in_flight=10, chunk_requests=(ChunkRequest(9, "a", 5000),))
+    )
+    assert behind.chunk_grants == ()
+
+
 def test_reserve_keeps_a_slot_for_users_from_probes():
     config = replace(CONFIG, num_slots=4, num_reserved_serving_slots=1)
     state = initial_planner_state(config)
-    state = replace(state, controller=replace(state.controller, budget_tokens=1000))
+    state = replace(state, controller=replace(state.controller, budget_tokens=1000, had_user_traffic=True))
     plan = plan_round(config, state, observation())
     assert plan.step_grants == ()
     assert {job.job_id: job.status for job in plan.record.jobs}["a"] is JobStatus.WAITING_FOR_SLOTS
@@ -128,17 +146,18 @@ def test_reserve_keeps_a_slot_for_users_from_probes():
 
 def test_users_waiting_behind_probes_stop_new_grants_at_once():
     state = initial_planner_state(CONFIG)
-    state = replace(state, controller=replace(state.controller, budget_tokens=20000))
+    state = replace(state, controller=replace(state.controller, budget_tokens=20000, had_user_traffic=True))
     plan = plan_round(
         CONFIG,
         state,
         observation(
-            latency=LatencySignal(ttft_p95_ms=150.0, num_user_running=2, num_user_waiting=3),
+            latency=LatencySignal(ttft_p95_ms=150.0, num_user_running=2, num_user_waiting=3, max_user_wait_ms=150.0),
             num_probe_tokens_in_flight=12000,
+            chunk_requests=(ChunkRequest(1, "a", 256),),
         ),
     )
     assert plan.record.budget_reason == "clamp_users_waiting"
-    assert plan.record.budget_tokens <= 6000 and plan.step_grants == ()
+    assert plan.record.budget_tokens <= 6000 and plan.chunk_grants == ()
 
 
 def test_refund_gives_the_step_back():
