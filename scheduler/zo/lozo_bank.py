@@ -8,7 +8,8 @@ rank columns are split into a frozen **bank** [0, used) holding the accumulated 
   B[:, used:used+k] := 0;
 - each step's direction i is Uᵢ [out, k] (fresh from direction seed i) in B's window columns and 0 elsewhere,
   so a probe changes ΔW by exactly ±ε·Uᵢ·Vᵀ, and the update is B_win ← B_win − lr·Σᵢ cᵢUᵢ, i.e. ΔW moves by
-  −lr·ĝ with LoZO's estimate ĝ = Σᵢ cᵢUᵢVᵀ (cᵢ carries LoZO's 1/k, see `lozo.py`);
+  −lr·ĝ with LoZO's estimate ĝ = Σᵢ cᵢUᵢVᵀ (cᵢ carries LoZO's 1/k, see `lozo.py`); with `momentum` > 0,
+  LoZO-M's momentum in the window's U-space instead (`BankSgd`);
 - entering window w ≥ 1 freezes window w − 1 into the bank (used grows by k). When used + k would pass R, the
   live columns are re-compressed to their best rank-(R − k) approximation (truncated SVD, Eckart–Young) and
   the window goes right after them. So used_w = min(w·k, R − k): a function of the step and the
@@ -38,7 +39,7 @@ import torch
 from scheduler.zo.directions import derive_seeds
 from scheduler.zo.lora_layout import LoraLayout, TensorSpec
 from scheduler.zo.lozo import basis_seed
-from scheduler.zo.zo_step import Perturbation, StepRecord, StepSeeds, TrainState
+from scheduler.zo.zo_step import Perturbation, StepRecord, StepSeeds, TrainState, buffer_key
 
 
 def bank_rank(window: int, rank: int, max_rank: int) -> int:
@@ -95,8 +96,14 @@ class BankPerturbation:
         return slice(used, used + self.rank)
 
     def seeds_for_step(self, job_seed: int, step: int, num_directions: int) -> StepSeeds:
+        """As LoZO's: V of the step's window, and at a window's first step > 0 the previous window's V too."""
+        window = step // self.basis_interval
+        entering = step > 0 and step % self.basis_interval == 0
         return StepSeeds(
-            step, tuple(derive_seeds(job_seed, step, num_directions)), basis_seed(job_seed, step // self.basis_interval)
+            step,
+            tuple(derive_seeds(job_seed, step, num_directions)),
+            basis_seed(job_seed, window),
+            basis_seed(job_seed, window - 1) if entering else None,
         )
 
     def basis(self, layout: LoraLayout, seed: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
@@ -169,14 +176,28 @@ class BankPerturbation:
 
 @dataclass(frozen=True)
 class BankSgd:
-    """SGD on the window: enter the window at its first step, then B_win ← B_win − lr·Σᵢ cᵢUᵢ. No buffers."""
+    """SGD on the window: enter the window at its first step, then B_win ← B_win − lr·g, g = Σᵢ cᵢUᵢ [out, k].
+
+    With momentum β > 0, LoZO-M's rule in the window's U-space (buffer "bank_m:<B name>", N [out, k]):
+    N ← g at step 0; N ← β·N·V_oldᵀV_new/in + (1−β)·g at a window's first step (N re-expressed in the new
+    window's basis, as LoZO-M does at a refresh); N ← β·N + (1−β)·g otherwise; then B_win ← B_win − lr·N.
+    """
+
+    rank: int  # k, the perturbation's
+    momentum: float = 0.0
 
     def init_buffers(self, layout: LoraLayout) -> dict[str, torch.Tensor]:
-        return {}
+        if not self.momentum:
+            return {}
+        return {
+            buffer_key("bank_m", spec.name): torch.zeros((spec.shape[0], self.rank))
+            for spec in layout.tensors
+            if spec.kind == "B"
+        }
 
     def apply(self, state: TrainState, layout: LoraLayout, perturbation: Perturbation, record: StepRecord) -> None:
-        if not isinstance(perturbation, BankPerturbation):
-            raise TypeError("BankSgd needs a BankPerturbation")
+        if not isinstance(perturbation, BankPerturbation) or perturbation.rank != self.rank:
+            raise TypeError("BankSgd needs a BankPerturbation of the same rank")
         seeds = record.seeds
         theta = state.theta
         stepped = perturbation.state_for_step(theta, layout, seeds)
@@ -184,8 +205,25 @@ class BankSgd:
             for name, value in stepped.items():
                 theta[name].copy_(value)
         window = perturbation.window(layout, seeds.step)
+        beta = float(self.momentum)
+        bases = None
+        if beta and seeds.prev_basis_seed is not None:
+            old = {spec.module: v for spec, v in perturbation.basis(layout, seeds.prev_basis_seed)}
+            new = {spec.module: v for spec, v in perturbation.basis(layout, seeds.basis_seed)}
+            bases = old, new
         for spec, us in perturbation.factors(layout, seeds):
             grad = torch.zeros_like(us[0])  # Σᵢ cᵢUᵢ  [out, k]
             for c, u in zip(record.coeffs, us, strict=True):
                 grad.add_(u, alpha=float(c))
+            if beta:
+                n_buf = state.buffers[buffer_key("bank_m", spec.name)]  # [out, k]
+                if seeds.step == 0:
+                    n_buf.copy_(grad)
+                elif bases is not None:
+                    v_old, v_new = bases[0][spec.module], bases[1][spec.module]  # [in, k] each
+                    projected = n_buf @ v_old.T @ v_new / v_new.shape[0]  # [out, k] @ [k, in] @ [in, k] → [out, k]
+                    n_buf.copy_(projected.mul_(beta).add_(grad, alpha=1.0 - beta))
+                else:
+                    n_buf.mul_(beta).add_(grad, alpha=1.0 - beta)
+                grad = n_buf
             theta[spec.name][:, window].add_(grad, alpha=-float(record.lr))

@@ -10,7 +10,7 @@
 | `lozo`        | Uᵢ·Vᵀ, V every ν steps         | 2q            | SGD                             | —         |
 | `lozo-m`      | Uᵢ·Vᵀ, V every ν steps         | 2q            | momentum in U-space             | lozo_m    |
 | `kerzoo`      | z at ±ε·rᵢ, weighted K(rᵢ)     | 2q            | MeZO-SGD                        | —         |
-| `lozo-bank`   | ΔW = B·A ± ε·UᵢVᵀ, V per ν     | 2q            | SGD on a rank-k window of ΔW    | —         |
+| `lozo-bank`   | ΔW = B·A ± ε·UᵢVᵀ, V per ν     | 2q            | SGD, or LoZO-M's if momentum>0  | bank_m    |
 
 Papers: ZO-Bench (Zhang et al., ICML 2024) for the zo-* rows, see `optimisers.py` and `zo_step.next_probes`;
 LoZO (Chen et al., 2024) in `lozo.py`; the LoZO update bank
@@ -147,6 +147,7 @@ class LozoBankHyper:  # lozo-bank; rank k must be below the adapter's LoRA rank 
     weight_decay: float = 0.0  # must be 0: decaying θ would shrink the window's V rows, not ΔW
     rank: int = 2
     basis_interval: int = 50
+    momentum: float = 0.0  # 0: SGD; > 0: LoZO-M's momentum in the window's U-space
 
     def __post_init__(self) -> None:
         _common(self)
@@ -154,6 +155,7 @@ class LozoBankHyper:  # lozo-bank; rank k must be below the adapter's LoRA rank 
             raise InvalidHyperParameter("weight_decay", "must be 0 for lozo-bank")
         _count(self.rank, "rank", 1, 4096)
         _count(self.basis_interval, "basis_interval", 1, 2**31)
+        _unit_interval(self.momentum, "momentum")
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ def _build_lozo_m(h: LozoHyper, a: DirectionArtifacts) -> ZoMethod:
 
 def _build_lozo_bank(h: LozoBankHyper, a: DirectionArtifacts) -> ZoMethod:
     _no_artifacts("lozo-bank", a)
-    return _method("lozo-bank", h, BankPerturbation(h.rank, h.basis_interval), BankSgd())
+    return _method("lozo-bank", h, BankPerturbation(h.rank, h.basis_interval), BankSgd(h.rank, h.momentum))
 
 
 def _build_kerzoo(h: SgdHyper, a: DirectionArtifacts) -> ZoMethod:

@@ -109,7 +109,8 @@ def test_v_changes_exactly_every_nu_steps_and_u_every_step():
     for step in range(1, 13):
         same_seed = records[step].seeds.basis_seed == records[step - 1].seeds.basis_seed
         assert same_seed == (step % NU != 0), f"step {step}"
-        assert records[step].seeds.prev_basis_seed is None
+        expected_prev = records[step - 1].seeds.basis_seed if step % NU == 0 else None  # LoZO-M's refresh mark
+        assert records[step].seeds.prev_basis_seed == expected_prev
         u_now, u_before = _us(p, records[step].seeds), _us(p, records[step - 1].seeds)
         assert not any(torch.equal(u_now[m][0], u_before[m][0]) for m in MODULES)
         window, before = p.window(LAYOUT, step), p.window(LAYOUT, step - 1)
@@ -232,8 +233,10 @@ def test_descent_on_a_dense_least_squares_problem():
     assert end < 0.05 * zero, f"{zero:.4f} → {end:.4f}"
 
 
-def test_replay_from_records_is_bitwise():
-    method, state0, state, records = _train(4 * NU + 1, LeastSquares())  # three window entries, two compressions
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_replay_from_records_is_bitwise(momentum):
+    # three window entries, two compressions
+    method, state0, state, records = _train(4 * NU + 1, LeastSquares(), momentum=momentum)
     stored = [(r.seeds.step, r.seeds.as_tuple(), r.coeffs, r.lr) for r in records]
     rebuilt = [StepRecord(StepSeeds.from_tuple(s, seeds, 2), (), c, lr) for s, seeds, c, lr in stored]
     replayed = replay(method, state0, LAYOUT, rebuilt)
@@ -241,6 +244,9 @@ def test_replay_from_records_is_bitwise():
     snapshot = replay(method, state0, LAYOUT, rebuilt[: 2 * NU])  # a snapshot just before a window entry
     resumed = replay(method, snapshot, LAYOUT, rebuilt[2 * NU :])
     assert all(torch.equal(resumed.theta[k], state.theta[k]) for k in state.theta)
+    assert replayed.buffers.keys() == state.buffers.keys() == resumed.buffers.keys()
+    assert len(state.buffers) == (2 if momentum else 0)
+    assert all(torch.equal(replayed.buffers[k], v) and torch.equal(resumed.buffers[k], v) for k, v in state.buffers.items())
     assert not all(torch.equal(state0.theta[k], state.theta[k]) for k in state.theta)
 
 
@@ -260,3 +266,33 @@ def test_probe_base_is_the_identity_for_other_methods():
     seeds = method.perturbation.seeds_for_step(1, 0, 1)
     assert step_base(method.perturbation, theta, LAYOUT, seeds) is theta
     assert isinstance(_method()[0].perturbation, BankPerturbation)
+
+
+def test_momentum_is_lozo_m_in_the_window_u_space():
+    beta = 0.8
+    method, _ = _method(momentum=beta)
+    p = method.perturbation
+    num_steps = 2 * NU + 2  # window entries at steps 3 and 6
+    _, history, records = _fabricated(method, num_steps)
+    n_ref = {m: None for m in MODULES}  # float64 reference N [out, k] per module
+    for step, record in enumerate(records):
+        seeds = record.seeds
+        us, vs = _us(p, seeds), _basis(p, seeds)
+        window = p.window(LAYOUT, step)
+        before = history[step - 1].theta if step else None
+        for module in MODULES:
+            g = sum(c * u.to(torch.float64) for c, u in zip(record.coeffs, us[module]))  # [out, k]
+            if step == 0:
+                n_ref[module] = g
+            elif step % NU == 0:
+                v_old = _basis(p, records[step - 1].seeds)[module].to(torch.float64)
+                v_new = vs[module].to(torch.float64)
+                n_ref[module] = beta * n_ref[module] @ v_old.T @ v_new / v_new.shape[0] + (1 - beta) * g
+            else:
+                n_ref[module] = beta * n_ref[module] + (1 - beta) * g
+            state = history[step]
+            assert_near(state.buffers[f"bank_m:{_name(module, 'B')}"], n_ref[module], 1e-5)
+            # the window's B: 0 at entry (or the previous step's value inside a window), minus lr·N
+            start = torch.zeros_like(n_ref[module]) if step % NU == 0 else before[_name(module, "B")][:, window]
+            expected = start.to(torch.float64) - 0.05 * n_ref[module]
+            assert_near(state.theta[_name(module, "B")][:, window], expected, 1e-5)
