@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from scheduler.jobs import JobSpec, JobStatus
+from scheduler.jobs import JobSpec, JobStatus, SparseMaskRequest
 from scheduler.objectives import ClassificationObjective, CompletionObjective, LabelledText, PromptCompletion
 from scheduler.rewards import RewardObjective
 from scheduler.zo.lora_layout import LoraShape
@@ -71,6 +71,9 @@ def spec_to_json(spec: JobSpec) -> dict:
         "method_params": [list(p) for p in spec.method_params],
         "eval_examples": _examples_to_json(spec.eval_examples),
         "eval_every": spec.eval_every,
+        "block_scales": [list(p) for p in spec.block_scales],
+        "sparse_mask": asdict(spec.sparse_mask) if spec.sparse_mask else None,
+        "artifact_id": spec.artifact_id,
     }
 
 
@@ -90,6 +93,9 @@ def spec_from_json(raw: dict) -> JobSpec:
         method_params=tuple((k, float(v)) for k, v in raw["method_params"]),
         eval_examples=_examples_from_json(raw["eval_examples"]),
         eval_every=raw["eval_every"],
+        block_scales=tuple((k, float(v)) for k, v in raw.get("block_scales", ())),
+        sparse_mask=SparseMaskRequest(**raw["sparse_mask"]) if raw.get("sparse_mask") else None,
+        artifact_id=raw.get("artifact_id"),
     )
 
 

@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING
 
 from scheduler.engine_step import run_engine_step
 from scheduler.errors import InvalidJobSpec, NoCapacity
+from scheduler.job_artifacts import job_artifacts, method_and_wire
 from scheduler.job_journal import JobProgress
 from scheduler.jobs import EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric
 from scheduler.objectives import BatchScore, EncodedDataset
 from scheduler.probe_eval import probe_batch_score
-from scheduler.zo.methods import InvalidHyperParameter, build_method, hyper_items, parse_hyper
+from scheduler.rewards import RewardObjective, words
+from scheduler.zo.methods import InvalidHyperParameter, hyper_items, parse_hyper
 
 if TYPE_CHECKING:
     from scheduler.adapter_host import LoadedAdapter
@@ -86,6 +88,10 @@ class JobRun:
             num_classes = len(self.spec.objective.options)
             if any(not 0 <= e.label < num_classes for e in examples):
                 raise InvalidJobSpec("examples.label", f"labels must be in [0, {num_classes})")
+        if isinstance(self.spec.objective, RewardObjective):
+            for index, example in enumerate(examples):
+                if not words(example.completion):
+                    raise InvalidJobSpec(f"examples.{index}.completion", "the reference answer has no word to match")
         encoded = await asyncio.to_thread(
             self.spec.objective.encode, runtime.binding.tokenizer, examples, runtime.binding.config.max_model_len
         )
@@ -163,7 +169,6 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
     spec, host, binding = run.spec, runtime.host, runtime.binding
     try:
         hyper = method_hyper(spec)
-        method = build_method(spec.method, hyper)
         max_len = binding.config.max_model_len
         run.data = await asyncio.to_thread(spec.objective.encode, binding.tokenizer, spec.examples, max_len)
         eval_data = (
@@ -172,9 +177,15 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
             else None
         )
         await host.create_if_missing(spec.adapter, spec.lora, spec.seed)
+        layout = await host.layout_of(spec.adapter)
+        artifacts, artifact_id = await job_artifacts(runtime, spec, layout)
+        if artifact_id != spec.artifact_id:  # computed now: a restart reuses it
+            run.spec = spec = replace(run.spec, artifact_id=artifact_id)
+            await asyncio.to_thread(runtime.journal.save_spec, run.id, spec)
+        method, method_wire = method_and_wire(spec, hyper, artifacts, layout, hyper_items(hyper))
         while True:  # stay queued until the adapter's serving buffers fit
             try:
-                adapter = await host.load(spec.adapter, (spec.method, hyper_items(hyper)))
+                adapter = await host.load(spec.adapter, method_wire)
                 break
             except NoCapacity:
                 await runtime.slots.wait_change()

@@ -26,6 +26,15 @@ class JobStatus(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class SparseMaskRequest:
+    """A SensZOQ-style mask computed once at job start: squared LM-loss gradients on the job's own text."""
+
+    fraction: float  # of adapter coordinates kept, (0, 1]
+    num_batches: int = 4
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
 class JobSpec:
     adapter: str
     examples: tuple[LabelledText, ...] | tuple[PromptCompletion, ...]
@@ -40,6 +49,9 @@ class JobSpec:
     method_params: tuple[tuple[str, float], ...] = ()  # method-specific hyper-parameters (momentum, ν, rank…)
     eval_examples: tuple[LabelledText, ...] | tuple[PromptCompletion, ...] = ()
     eval_every: int = 0  # steps between evaluations on eval_examples (0: only at the end, if any)
+    block_scales: tuple[tuple[str, float], ...] = ()  # raw per-tensor perturbation scales (normalised at start)
+    sparse_mask: SparseMaskRequest | None = None
+    artifact_id: str | None = None  # the store id of the job's direction artifacts, once computed
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from scheduler.adapter_host import AdapterHost, SlotPool
 from scheduler.coscheduler import CoScheduler, CoSchedulerConfig
 from scheduler.engine.binding import EngineBinding
 from scheduler.errors import AdapterBusy, InvalidJobSpec, JobNotFound, JobStateConflict
+from scheduler.job_artifacts import has_artifacts, validate_artifacts
 from scheduler.job_journal import JobJournal
 from scheduler.job_runner import JobRun, method_hyper, probe_slots_needed, run_job
 from scheduler.jobs import AdapterView, EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric, VersionView
@@ -163,6 +164,8 @@ class Runtime:
 
     async def create_job(self, spec: JobSpec) -> JobView:
         self._validate(spec)
+        if has_artifacts(spec):
+            validate_artifacts(spec, method_hyper(spec), await self.host.layout(spec.lora))
         try:
             meta = await self.store.get_adapter(spec.adapter)
             if (meta.rank, meta.alpha, tuple(sorted(meta.target_modules))) != (

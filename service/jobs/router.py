@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from scheduler.jobs import JobSpec, JobView
+from scheduler.jobs import JobSpec, JobView, SparseMaskRequest
 from scheduler.objectives import ClassificationObjective, CompletionObjective
 from scheduler.rewards import RewardObjective
 from scheduler.runtime import Runtime
@@ -20,6 +20,7 @@ from service.examples import ExampleIn, to_records
 from service.files.store import FileStore
 from service.jobs.schemas import (
     ClassificationObjectiveIn,
+    DirectionIn,
     EvalMetricOut,
     JobCreate,
     JobEventList,
@@ -95,7 +96,18 @@ def to_spec(body: JobCreate, files: FileStore) -> JobSpec:
         method_params=tuple(sorted(body.method_params.items())),
         eval_examples=to_records(validation, kind, eval_field),
         eval_every=body.eval_every,
+        **_direction(body.direction),
     )
+
+
+def _direction(direction: DirectionIn | None) -> dict:
+    if direction is None:
+        return {}
+    mask = direction.sparse_mask
+    return {
+        "block_scales": tuple(sorted((direction.block_scales or {}).items())),
+        "sparse_mask": SparseMaskRequest(mask.fraction, mask.num_batches, mask.batch_size) if mask else None,
+    }
 
 
 @router.post("", status_code=201, response_model=JobOut)

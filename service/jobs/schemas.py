@@ -41,6 +41,21 @@ ObjectiveIn = Annotated[
 ]
 
 
+class SparseMaskIn(_Strict):
+    """Keep the most sensitive `fraction` of adapter coordinates (squared LM-loss gradients on the job's text)."""
+
+    fraction: float = Field(gt=0, le=1)
+    num_batches: int = Field(4, ge=1, le=64)
+    batch_size: int = Field(8, ge=1, le=64)
+
+
+class DirectionIn(_Strict):
+    """Shape the Gaussian directions (mezo-sgd and the zo-* methods): per-block scales and/or a sparse mask."""
+
+    block_scales: dict[str, float] | None = Field(None, description="{PEFT tensor name: scale >= 0}, every tensor")
+    sparse_mask: SparseMaskIn | None = None
+
+
 class HyperparametersIn(_Strict):
     learning_rate: float = Field(1e-4, gt=0, le=10)
     eps: float = Field(1e-3, gt=0, le=1)
@@ -73,6 +88,7 @@ class JobCreate(_Strict):
     eval_every: int = Field(0, ge=0, description="steps between evaluations (0: only at the end)")
     seed: int = Field(0, ge=0, le=2**62)
     weight: float = Field(1.0, gt=0, le=1000, description="fair-share weight against other jobs")
+    direction: DirectionIn | None = None
 
 
 class JobOut(BaseModel):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import tarfile
 
 from service_harness import job_body, sst2_rows, wait_for_job
@@ -98,6 +99,10 @@ async def test_job_input_errors_name_the_field(admin):
         ({"objective": {"type": "reward"}}, "training_data.0"),  # {text, label} rows
         ({"objective": {"type": "reward"}, "training_data": [{"prompt": "a", "completion": "?!"}]}, "training_data.0.completion"),
         ({"seed": -1}, "seed"),
+        ({"direction": {"block_scales": {"nope.lora_A.weight": 1.0}}}, "direction.block_scales"),
+        ({"direction": {"sparse_mask": {"fraction": 0}}}, "fraction"),
+        ({"direction": {"sparse_mask": {"fraction": 0.1}}, "method": "lozo"}, "direction.sparse_mask"),
+        ({"direction": {"sparse_mask": {"fraction": 0.1}}, "hyperparameters": {"weight_decay": 0.1}}, "hyperparameters.weight_decay"),
     ]
     for overrides, field in cases:
         body = job_body("bad-input", 3)
@@ -316,3 +321,37 @@ async def test_reward_objective_job_trains_and_evaluates(admin):
     assert all(0.0 <= m["loss"] <= 1.0 for m in metrics["steps"])  # 1 − match rate
     (evaluation,) = metrics["evals"]
     assert 0.0 <= evaluation["loss"] <= 1.0
+
+    # Rows appended to a running reward job are checked like the job's own.
+    long = (await admin.post("/v1/jobs", json=job_body("api-reward", 10_000, objective=objective, training_data=rows))).json()
+    bad = await admin.post("/v1/adapters/api-reward/examples", json={"examples": [{"prompt": "x", "completion": "?!"}]})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "examples.0.completion", bad.text
+    good = await admin.post("/v1/adapters/api-reward/examples", json={"examples": [{"prompt": "x", "completion": "great"}]})
+    assert good.status_code == 200 and good.json()["num_appended"] == 17, good.text
+    assert (await admin.post(f"/v1/jobs/{long['id']}/cancel")).json()["status"] == "cancelled"
+
+
+async def test_job_with_block_scales_and_sensitivity_mask_moves_only_masked_coordinates(admin, opt_model_dir):
+    """Scales given inline and a mask computed by backprop at job start reach the engine: the trained adapter
+    differs from version 0 in at most the mask's coordinates."""
+    from safetensors.torch import load as load_tensors
+
+    from scheduler.zo.lora_layout import LoraShape, layout_for_model_dir
+
+    layout = layout_for_model_dir(opt_model_dir, LoraShape(4, 8.0, ("q_proj", "v_proj")))
+    scales = {spec.name: 2.0 if "lora_B" in spec.name else 0.5 for spec in layout.tensors}
+    direction = {"block_scales": scales, "sparse_mask": {"fraction": 0.05, "num_batches": 2, "batch_size": 4}}
+    created = await admin.post("/v1/jobs", json=job_body("api-direction", 4, direction=direction))
+    assert created.status_code == 201, created.text
+    job = await wait_for_job(admin, created.json()["id"], lambda j: j["status"] in FINAL)
+    assert job["status"] == "succeeded" and job["version"] == 4, job
+
+    states = []
+    for version in (0, 4):
+        download = await admin.get(f"/v1/adapters/api-direction/versions/{version}/download")
+        assert download.status_code == 200
+        with tarfile.open(fileobj=io.BytesIO(download.content), mode="r:gz") as tar:
+            member = next(n for n in tar.getnames() if n.endswith("adapter_model.safetensors"))
+            states.append(load_tensors(tar.extractfile(member).read()))
+    changed = sum(int((states[0][k] != states[1][k]).sum()) for k in states[0])
+    assert 0 < changed <= math.ceil(0.05 * layout.num_params), (changed, layout.num_params)
