@@ -53,6 +53,7 @@ class CoSchedulerConfig:
     round_interval_s: float = 0.25
     ttft_window_s: float = 5.0
     fairness_max_lead_tokens: float = 0.0  # virtual-time lead a job may take over the slowest (0: strict)
+    hold_chunks_while_users_wait: bool = True
 
     def controller(self) -> ControllerConfig:
         floor = min(self.chunk_tokens, self.max_tokens_in_flight)
@@ -170,6 +171,7 @@ class CoScheduler:
             controller=config.controller(),
             num_slots=len(slot_ids),
             fairness_max_lead=config.fairness_max_lead_tokens,
+            hold_chunks_while_users_wait=config.hold_chunks_while_users_wait,
         )
         self._state = initial_planner_state(self._planner_config)
         self._waiting: dict[str, _Demand] = {}

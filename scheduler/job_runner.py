@@ -142,8 +142,8 @@ def step_tokens(data: EncodedDataset, batch_size: int, num_probes: int) -> int:
 
 async def _evaluate(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, data: EncodedDataset) -> EvalMetric:
     tokens = step_tokens(data, len(data), 1)
-    async with runtime.coscheduler.step(run.id, run.spec.weight, tokens, 1) as (slot,):
-        return await _score_eval(runtime, run, adapter, data, slot)
+    async with runtime.coscheduler.step(run.id, run.spec.weight, tokens, 1) as lease:
+        return await _score_eval(runtime, run, adapter, data, lease.slot_ids[0])
 
 
 async def _score_eval(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, data: EncodedDataset, slot: int) -> EvalMetric:
@@ -200,10 +200,11 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
             await run.resume.wait()
             tokens = step_tokens(run.data, spec.batch_size, num_probes)
             paused = lambda: not run.resume.is_set()  # noqa: E731
-            async with runtime.coscheduler.step(run.id, spec.weight, tokens, num_probes, paused) as probe_slots:
+            async with runtime.coscheduler.step(run.id, spec.weight, tokens, num_probes, paused) as lease:
                 outcome = await run_engine_step(
                     binding, adapter.name, run.data, method, hyper.lr, job_seed=spec.seed, step=run.step,
-                    batch_size=spec.batch_size, slots=probe_slots, salt=f"probe:{run.id}@{adapter.head}",
+                    batch_size=spec.batch_size, slots=lease.slot_ids, salt=f"probe:{run.id}@{adapter.head}",
+                    gate=lease.gate,
                 )
             version = await host.commit_step(adapter, outcome, method, hyper)
             run.step += 1
@@ -235,4 +236,5 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
         run.event("error", run.error)
         run.set_status(JobStatus.FAILED, runtime, run.error)
     finally:
+        runtime.coscheduler.forget_job(run.id)
         await host.release_training(spec.adapter)

@@ -48,6 +48,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         kv_cache_gib=settings.kv_cache_gib,
         max_model_len=settings.max_model_len,
         max_num_batched_tokens=settings.max_num_batched_tokens,
+        num_cpu_threads=settings.cpu_threads,
     )
 
 
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None, binding: EngineBinding | None =
                 max_tokens_in_flight=settings.coscheduler_max_tokens_in_flight,
                 chunk_tokens=settings.coscheduler_chunk_tokens,
                 fairness_max_lead_tokens=settings.coscheduler_fairness_max_lead_tokens,
+                hold_chunks_while_users_wait=settings.coscheduler_hold_chunks_while_users_wait,
             ),
         )
         app.state.runtime = runtime

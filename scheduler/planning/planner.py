@@ -15,7 +15,8 @@ Two levels of admission:
 
 So the budget bounds the probe tokens any engine forward can hold, which is what a user arriving waits
 behind, and the controller moves it between one chunk (users present, latency tight) and the engine's
-full width (no users).
+full width (no users). While a user waits for its first token no chunk enters at all
+(`hold_chunks_while_users_wait`): its prefill shares the engine only with the probes already in flight.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class PlannerConfig:
     share_decay: float = 0.9  # EWMA decay per round of the per-job share shown in the record
     # How far (virtual time: tokens / weight) a job may run ahead of the slowest active job; 0 is strict.
     fairness_max_lead: float = 0.0
+    # No chunk enters while a user request waits for its first token: its prefill gets the engine without
+    # new probe work; probes already in flight finish (a forward cannot be preempted).
+    hold_chunks_while_users_wait: bool = True
     # A job between two steps keeps its place for this long (commit and publish take milliseconds; an
     # evaluation or a data wait longer than this must not hold the other jobs back).
     fairness_idle_grace_s: float = 1.0
@@ -178,7 +182,8 @@ def plan_round(config: PlannerConfig, state: PlannerState, observation: RoundObs
     granted_tokens = {grant.job_id: grant.num_tokens for grant in grants}
     fairness = close_round(fairness, granted_tokens, config.share_decay)
 
-    chunks = admit_chunks(controller.budget_tokens, in_flight, observation.chunk_requests)
+    users_wait = config.hold_chunks_while_users_wait and observation.latency.num_user_waiting > 0
+    chunks = () if users_wait else admit_chunks(controller.budget_tokens, in_flight, observation.chunk_requests)
     next_state = PlannerState(controller=controller, fairness=fairness, num_rounds=state.num_rounds + 1)
     record = _record(config, next_state, observation, slot_plan, statuses, granted_tokens, chunks)
     return RoundPlan(

@@ -179,3 +179,17 @@ def test_bad_observation_names_the_field():
         JobDemand("a", 0.0, 5, 1)
     with pytest.raises(PlanningError, match="num_reserved_serving_slots"):
         PlannerConfig(controller=CONFIG.controller, num_slots=2, num_reserved_serving_slots=2)
+
+
+def test_no_chunk_enters_while_a_user_waits_for_its_first_token():
+    state = initial_planner_state(CONFIG)
+    state = replace(state, controller=replace(state.controller, budget_tokens=20000, had_user_traffic=True))
+    chunk = (ChunkRequest(1, "a", 256),)
+    waiting = LatencySignal(ttft_p95_ms=150.0, num_user_running=2, num_user_waiting=1, max_user_wait_ms=5.0)
+    held = plan_round(CONFIG, state, observation(latency=waiting, chunk_requests=chunk))
+    assert held.chunk_grants == () and held.record.num_chunks_waiting == 1
+    assert held.record.budget_tokens == 20000  # a short wait is no reason to cut the budget
+    served = LatencySignal(ttft_p95_ms=150.0, num_user_running=3)
+    assert plan_round(CONFIG, state, observation(latency=served, chunk_requests=chunk)).chunk_grants == chunk
+    off = replace(CONFIG, hold_chunks_while_users_wait=False)
+    assert plan_round(off, state, observation(latency=waiting, chunk_requests=chunk)).chunk_grants == chunk
