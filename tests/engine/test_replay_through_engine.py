@@ -75,7 +75,8 @@ async def test_200_mezo_steps_replay_bitwise(engine, redis_url, tmp_path, backen
 @pytest.mark.parametrize(
     "method_name, params",
     [("zo-adam", {}), ("zo-sgd-mmt", {"momentum": 0.9}), ("lozo-m", {"rank": 2, "basis_interval": 5}),
-     ("lozo-bank", {"rank": 1, "basis_interval": 3})],  # R = 4: re-compressed at every window entry from step 12
+     ("lozo-bank", {"rank": 1, "basis_interval": 3}),  # R = 4: re-compressed at every window entry from step 12
+     ("lozo-bank", {"rank": 1, "basis_interval": 3, "momentum": 0.9})],
 )
 async def test_stateful_methods_replay_bitwise(engine, tmp_path, method_name, params):
     store = open_store(None, tmp_path / "store", snapshot_every=10)
