@@ -24,6 +24,8 @@ from typing import Final, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from scheduler.planning import BudgetReason
+
 __all__ = [
     "ADAPTER_CLASSES",
     "CONTENT_TYPE_LATEST",
@@ -46,6 +48,8 @@ TokenClass = Literal["serve", "train"]
 ADAPTER_CLASSES: Final = ("base", "adapter", "pinned_version")
 TOKEN_CLASSES: Final = ("serve", "train")
 SLOT_USES: Final = ("probe", "serving", "pinned_version", "free")
+PROBE_TOKEN_STATES: Final = ("in_flight", "queued")
+BUDGET_REASONS: Final = tuple(reason.value for reason in BudgetReason)
 QUEUES: Final = ("user_waiting", "user_running", "zo_waiting", "zo_inflight")
 DEFAULT_JOB_STATES: Final = ("pending", "running", "paused", "succeeded", "failed", "cancelled")
 # Route templates, never raw paths: a path label would be unbounded (scanners, typos, adapter names in URLs).
@@ -88,6 +92,9 @@ METRIC_NAMES: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
     "zoserve_cosched_train_budget_tokens": ("gauge", ()),
     "zoserve_cosched_user_latency_seconds": ("gauge", ()),
     "zoserve_cosched_user_latency_target_seconds": ("gauge", ()),
+    "zoserve_cosched_probe_tokens": ("gauge", ("state",)),
+    "zoserve_cosched_budget_reason_info": ("gauge", ("reason",)),
+    "zoserve_cosched_job_token_share_ratio": ("gauge", ("adapter",)),
     "zoserve_lora_slots": ("gauge", ("use",)),
     "zoserve_queue_requests": ("gauge", ("queue",)),
 }
@@ -226,6 +233,19 @@ class ZoMetrics:
             "zoserve_cosched_user_latency_target_seconds", "User latency the co-scheduler steers towards.",
             registry=r,
         )
+        self._cosched_probe_tokens = Gauge(
+            "zoserve_cosched_probe_tokens", "Probe scoring tokens admitted into the engine / queued for the budget.",
+            ["state"], registry=r,
+        )
+        self._cosched_reason = Gauge(
+            "zoserve_cosched_budget_reason_info", "1 for the controller's latest budget decision, 0 for the others.",
+            ["reason"], registry=r,
+        )
+        self._share_adapters: set[str] = set()
+        self._cosched_share = Gauge(
+            "zoserve_cosched_job_token_share_ratio", "A training job's recent share of granted scoring tokens.",
+            ["adapter"], registry=r,
+        )
         self._lora_slots = Gauge("zoserve_lora_slots", "Engine LoRA slots by use.", ["use"], registry=r)
         self._queue = Gauge("zoserve_queue_requests", "Engine requests per queue.", ["queue"], registry=r)
         # Fixed-enum gauges start at zero so dashboards show every series from the first scrape.
@@ -233,6 +253,10 @@ class ZoMetrics:
             self._jobs.labels(state=state).set(0)
         for use in SLOT_USES:
             self._lora_slots.labels(use=use).set(0)
+        for state in PROBE_TOKEN_STATES:
+            self._cosched_probe_tokens.labels(state=state).set(0)
+        for reason in BUDGET_REASONS:
+            self._cosched_reason.labels(reason=reason).set(0)
         for queue in QUEUES:
             self._queue.labels(queue=queue).set(0)
         for token_class in TOKEN_CLASSES:
@@ -320,6 +344,24 @@ class ZoMetrics:
         self._cosched_budget.set(train_budget_tokens)
         self._cosched_latency.set(user_latency_s)
         self._cosched_target.set(target_latency_s)
+
+    def set_cosched_detail(
+        self,
+        *,
+        probe_tokens_in_flight: int,
+        probe_tokens_queued: int,
+        budget_reason: str | None,
+        job_token_shares: Mapping[str, float],
+    ) -> None:
+        self._cosched_probe_tokens.labels(state="in_flight").set(probe_tokens_in_flight)
+        self._cosched_probe_tokens.labels(state="queued").set(probe_tokens_queued)
+        for reason in BUDGET_REASONS:
+            self._cosched_reason.labels(reason=reason).set(1 if reason == budget_reason else 0)
+        for adapter in self._share_adapters - set(job_token_shares):  # jobs that ended: drop their series
+            _remove_quietly(self._cosched_share, adapter)
+        for adapter, share in job_token_shares.items():
+            self._cosched_share.labels(adapter=adapter).set(share)
+        self._share_adapters = set(job_token_shares)
 
     def set_lora_slots(self, *, probe: int, serving: int, pinned_version: int, free: int) -> None:
         for use, num_slots in zip(SLOT_USES, (probe, serving, pinned_version, free), strict=True):

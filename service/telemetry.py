@@ -138,6 +138,12 @@ def refresh_gauges(app_state) -> None:
         zo_waiting=stats.zo_waiting,
         zo_inflight=stats.zo_inflight,
     )
+    metrics.set_cosched_detail(
+        probe_tokens_in_flight=stats.probe_tokens_in_flight,
+        probe_tokens_queued=stats.probe_tokens_queued,
+        budget_reason=stats.budget_reason,
+        job_token_shares=dict(stats.job_token_shares),
+    )
     if stats.train_budget_tokens is not None:
         metrics.set_cosched(
             train_budget_tokens=stats.train_budget_tokens,
