@@ -53,6 +53,8 @@ def test_defaults_build_and_round_trip_through_hparams(name):
         ("lozo", {"rank": 0}, "rank"),
         ("lozo", {"basis_interval": 0}, "basis_interval"),
         ("lozo-m", {"momentum": "high"}, "momentum"),
+        ("lozo-bank", {"momentum": 1.0}, "momentum"),
+        ("lozo-bank", {"weight_decay": 0.1}, "weight_decay"),  # would shrink the window's V rows
         ("sgd-of-dreams", {}, "method"),
     ],
 )
