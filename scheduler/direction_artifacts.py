@@ -14,25 +14,18 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from scheduler.zo.lora_layout import LoraLayout
-from scheduler.zo.methods import build_method, parse_hyper
+from scheduler.zo.methods import DirectionArtifacts, build_method, parse_hyper
 from scheduler.zo.sparse_mask import validate_mask
 from scheduler.zo.zo_step import ZoMethod
 
 HPARAM_PREFIX = "artifacts."
 _FORMAT = "zoserve-direction-artifacts-1"
-
-
-@dataclass(frozen=True, eq=False)
-class DirectionArtifacts:
-    block_scales: dict[str, float] | None = None
-    mask: dict[str, torch.Tensor] | None = None
 
 
 class MissingArtifact(KeyError):

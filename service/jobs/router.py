@@ -96,16 +96,24 @@ def to_spec(body: JobCreate, files: FileStore) -> JobSpec:
         method_params=tuple(sorted(body.method_params.items())),
         eval_examples=to_records(validation, kind, eval_field),
         eval_every=body.eval_every,
-        **_direction(body.direction),
+        **_direction(body.direction, files),
     )
 
 
-def _direction(direction: DirectionIn | None) -> dict:
+def _direction(direction: DirectionIn | None, files: FileStore) -> dict:
     if direction is None:
         return {}
+    scales = direction.block_scales
+    if direction.block_scales_file is not None:
+        if scales is not None:
+            raise InvalidInput("give direction.block_scales or direction.block_scales_file, not both", "direction.block_scales_file")
+        try:
+            scales = files.block_scales(direction.block_scales_file, "direction.block_scales_file")
+        except NotFound as exc:  # a body field naming nothing is bad input
+            raise InvalidInput(str(exc), "direction.block_scales_file") from None
     mask = direction.sparse_mask
     return {
-        "block_scales": tuple(sorted((direction.block_scales or {}).items())),
+        "block_scales": tuple(sorted((scales or {}).items())),
         "sparse_mask": SparseMaskRequest(mask.fraction, mask.num_batches, mask.batch_size) if mask else None,
     }
 

@@ -53,6 +53,7 @@ class DirectionIn(_Strict):
     """Shape the Gaussian directions (mezo-sgd and the zo-* methods): per-block scales and/or a sparse mask."""
 
     block_scales: dict[str, float] | None = Field(None, description="{PEFT tensor name: scale >= 0}, every tensor")
+    block_scales_file: str | None = Field(None, pattern=FILE_ID, description="an upload with purpose block-scales")
     sparse_mask: SparseMaskIn | None = None
 
 

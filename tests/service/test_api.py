@@ -355,3 +355,39 @@ async def test_job_with_block_scales_and_sensitivity_mask_moves_only_masked_coor
             states.append(load_tensors(tar.extractfile(member).read()))
     changed = sum(int((states[0][k] != states[1][k]).sum()) for k in states[0])
     assert 0 < changed <= math.ceil(0.05 * layout.num_params), (changed, layout.num_params)
+
+
+async def test_block_scales_file_upload_and_a_job_that_names_it(admin, opt_model_dir):
+    from scheduler.zo.lora_layout import LoraShape, layout_for_model_dir
+
+    async def upload_scales(data: bytes):
+        return await admin.post("/v1/files", files={"file": ("scales.json", data, "application/json")},
+                                data={"purpose": "block-scales"})
+
+    layout = layout_for_model_dir(opt_model_dir, LoraShape(4, 8.0, ("q_proj", "v_proj")))
+    scales = {spec.name: 1.0 + i for i, spec in enumerate(layout.tensors)}
+    created = await upload_scales(json.dumps(scales).encode())
+    assert created.status_code == 201, created.text
+    meta = created.json()
+    assert meta["kind"] == "block_scales" and meta["num_examples"] == len(layout.tensors)
+    for bad in (b"[1, 2]", b'{"x": -1}', b'{"x": true}', b"{}", b"not json"):
+        reply = await upload_scales(bad)
+        assert reply.status_code == 422 and reply.json()["error"]["param"] == "file", (bad, reply.text)
+
+    rows_file = (await _upload(admin, _jsonl(sst2_rows(8)))).json()["id"]
+    wrong = (await upload_scales(json.dumps({"nope.lora_A.weight": 1.0}).encode())).json()["id"]
+    cases = [
+        ({"direction": {"block_scales_file": rows_file}}, "direction.block_scales_file"),
+        ({"direction": {"block_scales_file": "file-000000000000000000000000"}}, "direction.block_scales_file"),
+        ({"direction": {"block_scales_file": meta["id"], "block_scales": scales}}, "direction.block_scales_file"),
+        ({"direction": {"block_scales_file": wrong}}, "direction.block_scales"),
+        ({"training_file": meta["id"], "training_data": None}, "training_file"),
+    ]
+    for overrides, field in cases:
+        body = {k: v for k, v in job_body("api-scales-bad", 2, **overrides).items() if v is not None}
+        reply = await admin.post("/v1/jobs", json=body)
+        assert reply.status_code == 422 and reply.json()["error"]["param"] == field, (overrides, reply.text)
+
+    job = (await admin.post("/v1/jobs", json=job_body("api-scales", 2, direction={"block_scales_file": meta["id"]}))).json()
+    done = await wait_for_job(admin, job["id"], lambda j: j["status"] in FINAL)
+    assert done["status"] == "succeeded" and done["version"] == 2, done
