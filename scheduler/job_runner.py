@@ -21,7 +21,7 @@ from scheduler.job_journal import JobProgress
 from scheduler.jobs import EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric
 from scheduler.objectives import BatchScore, EncodedDataset
 from scheduler.probe_eval import probe_batch_score
-from scheduler.rewards import RewardObjective, words
+from scheduler.rewards import EncodedReward, RewardObjective, words
 from scheduler.zo.methods import InvalidHyperParameter, hyper_items, parse_hyper
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ async def _score_eval(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, dat
         total_loss += batch.loss * batch.num_examples
         num_correct += batch.num_correct
         count += batch.num_examples
-    classification = hasattr(data, "labels")
+    classification = hasattr(data, "labels") or isinstance(data, EncodedReward)  # reward: the match rate
     metric = EvalMetric(run.step, adapter.head, total_loss / count, num_correct / count if classification else None, time.time())
     run.eval_metrics.append(metric)
     run.event("eval", f"eval loss {metric.loss:.4f}" + (f", accuracy {metric.accuracy:.4f}" if metric.accuracy is not None else ""))

@@ -320,7 +320,7 @@ async def test_reward_objective_job_trains_and_evaluates(admin):
     assert [m["step"] for m in metrics["steps"]] == [1, 2, 3]
     assert all(0.0 <= m["loss"] <= 1.0 for m in metrics["steps"])  # 1 − match rate
     (evaluation,) = metrics["evals"]
-    assert 0.0 <= evaluation["loss"] <= 1.0
+    assert 0.0 <= evaluation["loss"] <= 1.0 and evaluation["accuracy"] == 1.0 - evaluation["loss"]  # the match rate
 
     # Rows appended to a running reward job are checked like the job's own.
     long = (await admin.post("/v1/jobs", json=job_body("api-reward", 10_000, objective=objective, training_data=rows))).json()
