@@ -1,8 +1,9 @@
 """How a probe slot's minibatch becomes a `BatchScore`: scored log-likelihoods, or generated-and-matched text.
 
-The step loop calls `probe_batch_score` once per probe slot; which path runs follows from the encoded
-dataset's type, so every ZO method works with every objective through the same `finish_step`. Both paths
-submit their sequences at once at the caller's priority, with a `cache_salt` naming the probe state.
+Which path runs follows from the encoded dataset's type, so every ZO method works with every objective
+through the same `finish_step`. Job evaluation calls `probe_batch_score` for any dataset; the step loop
+calls it per probe slot for reward data (scoring data goes through its chunked `score_round` instead). Both
+paths submit their sequences at once at the caller's priority, with a `cache_salt` naming the state.
 """
 
 from __future__ import annotations
