@@ -296,6 +296,52 @@ async def wait_job(client, job_id: str, predicate, timeout_s: float) -> dict:
         await asyncio.sleep(0.2)
 
 
+class StallMonitor:
+    """Where the service process stalls: event-loop lag (a 5 ms sleep that wakes late) and GC pauses.
+
+    Everything on the server side (HTTP, vLLM output processing, step loops, commits) shares one event loop,
+    so a stall of that loop delays every user's first token by its length."""
+
+    def __init__(self) -> None:
+        self.loop_lags: list[tuple[float, float]] = []  # (wall time, lag ms) for lags above 5 ms
+        self.gc_pauses: list[tuple[float, int, float]] = []  # (wall time, generation, ms)
+        self._gc_started: float | None = None
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self.gc_pauses.append((time.time(), info["generation"], (time.perf_counter() - self._gc_started) * 1e3))
+            self._gc_started = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        gc.callbacks.append(self._on_gc)
+        try:
+            while not stop.is_set():
+                before = time.perf_counter()
+                await asyncio.sleep(0.005)
+                lag_ms = (time.perf_counter() - before) * 1e3 - 5.0
+                if lag_ms > 5.0:
+                    self.loop_lags.append((time.time(), lag_ms))
+        finally:
+            gc.callbacks.remove(self._on_gc)
+
+    def view(self, a: float, b: float) -> dict:
+        lags = sorted(ms for t, ms in self.loop_lags if a <= t < b)
+        pauses = [(g, ms) for t, g, ms in self.gc_pauses if a <= t < b]
+        gen2 = [ms for g, ms in pauses if g == 2]
+        return {
+            "loop_lags_over_5ms": len(lags),
+            "loop_lag_max_ms": lags[-1] if lags else 0.0,
+            "loop_lags_over_50ms": sum(1 for ms in lags if ms > 50),
+            "loop_lag_over_5ms_total_s": sum(lags) / 1000.0,
+            "gc_pauses": len(pauses),
+            "gc_pause_max_ms": max((ms for _, ms in pauses), default=0.0),
+            "gc_gen2_pauses": len(gen2),
+            "gc_gen2_pause_total_ms": sum(gen2),
+        }
+
+
 async def sample_runtime(runtime, rows: list[dict], stop: asyncio.Event, interval_s: float) -> None:
     """The co-scheduler's view over time (budget, its own p95 TTFT, queues), for the plot and the reading."""
     while not stop.is_set():
@@ -447,6 +493,7 @@ class Raw:
     runtime_rows: list[dict]
     job_states: dict[str, str]
     engine_healthy: bool
+    stalls: StallMonitor
 
 
 async def prepare_user_adapters(client, prompts: list[str], args) -> None:
@@ -480,8 +527,10 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         await asyncio.sleep(args.pause_s)
 
         runtime_rows: list[dict] = []
+        stalls = StallMonitor()
         stop_sampling = asyncio.Event()
         sampler = asyncio.create_task(sample_runtime(service.runtime, runtime_rows, stop_sampling, 0.25))
+        stall_task = asyncio.create_task(stalls.run(stop_sampling))
         phases: dict[str, tuple[float, float]] = {}
         samples: list[UserSample] = []
         job_ids: dict[str, str] = {}
@@ -520,6 +569,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         finally:
             stop_sampling.set()
             await sampler
+            await stall_task
             for job_id in job_ids.values():
                 await client.post(f"/v1/jobs/{job_id}/cancel")
         try:
@@ -529,7 +579,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
             print(f"engine health check failed: {type(exc).__name__}: {exc}", flush=True)
             engine_healthy = False
     load.close()
-    return Raw(calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy)
+    return Raw(calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy, stalls)
 
 
 def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
@@ -563,6 +613,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             if r["budget_reason"]:
                 reasons[r["budget_reason"]] = reasons.get(r["budget_reason"], 0) + 1
         return {
+            **raw.stalls.view(a, b),
             "budget_tokens_median": median("budget_tokens"),
             "probe_tokens_in_flight_median": median("probe_tokens_in_flight"),
             "server_ttft_p95_ms_median": median("server_ttft_p95_ms"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -82,6 +83,12 @@ def create_app(settings: Settings | None = None, binding: EngineBinding | None =
         try:
             await runtime.start()  # resumes the jobs a previous process left active
             refresher = asyncio.create_task(telemetry.refresh_forever(app.state, settings.metrics_refresh_s))
+            if settings.freeze_gc_heap:
+                # What vLLM's own server does after start-up: the engine, torch and the model leave a large
+                # heap of static objects that every full collection would otherwise walk, stalling the one
+                # event loop that serves users and steps jobs.
+                gc.collect()
+                gc.freeze()
             app.state.ready = True
             yield
         finally:

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     coscheduler_chunk_tokens: int = Field(256, ge=1)  # probe tokens per chunk: a user waits behind ~one
     coscheduler_fairness_max_lead_tokens: float = Field(0.0, ge=0)
     coscheduler_hold_chunks_while_users_wait: bool = True
+    freeze_gc_heap: bool = True  # gc.freeze() once started (as vLLM's server does): shorter full collections
     cpu_threads: int | None = Field(None, ge=1)  # the CPU engine's OpenMP threads (None: every core)
     data_dir: Path = Path(".zoserve")
     redis_url: str | None = None
