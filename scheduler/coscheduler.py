@@ -34,9 +34,11 @@ from scheduler.planning import (
     ServingDemand,
     SlotKind,
     SlotOccupancy,
+    StepGrant,
     initial_planner_state,
     percentile_ms,
     plan_round,
+    refund_step,
 )
 
 log = logging.getLogger(__name__)
@@ -250,6 +252,15 @@ class CoScheduler:
         self._wake.set()
         try:
             slots = await demand.granted
+        except BaseException:
+            granted = demand.granted
+            if granted.done() and not granted.cancelled() and granted.exception() is None:
+                # Cancelled in the tick after the grant: its slots were taken and its tokens charged for us.
+                await self._pool.give_back(granted.result())
+                grant = StepGrant(job_id, demand.num_tokens, ())
+                self._state = refund_step(self._state, grant, demand.weight)
+                self._wake.set()
+            raise
         finally:
             self._waiting.pop(job_id, None)
         self._in_flight[job_id] = (demand, slots)

@@ -108,3 +108,48 @@ async def test_slots_taken_but_not_yet_serving_are_never_granted():
             assert not set(lease.slot_ids) & set(held)
     finally:
         await co.stop()
+
+
+async def test_a_step_cancelled_right_after_its_grant_gives_its_slots_back():
+    co, pool = _make()  # loop not started: plan_once grants in this tick, the cancel lands before the wake-up
+
+    async def step() -> None:
+        async with co.step("job-a", 1.0, 100, 2):
+            raise AssertionError("a cancelled step must not run")
+
+    task = asyncio.create_task(step())
+    await asyncio.sleep(0)  # the step now waits for its grant
+    co.plan_once()
+    assert pool.num_free == 4  # granted: its slots are taken
+    charged = co._state.fairness.by_job()["job-a"].num_tokens_granted_total
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    assert pool.num_free == 6
+    assert co._state.fairness.by_job()["job-a"].num_tokens_granted_total == charged - 100
+    assert co.snapshot().num_steps_waiting == 0 and co.snapshot().num_steps_in_flight == 0
+
+
+async def test_a_chunk_cancelled_right_after_its_admission_leaves_no_tokens_in_flight():
+    co, pool = _make()
+    co.start()
+    try:
+        async with asyncio.timeout(10), co.step("job-a", 1.0, 100, 2) as lease:
+            await co.stop()  # plan by hand from here on
+
+            async def chunk() -> None:
+                async with lease.gate.admit(100):
+                    raise AssertionError("a cancelled chunk must not run")
+
+            task = asyncio.create_task(chunk())
+            await asyncio.sleep(0)
+            co.plan_once()
+            assert co.snapshot().num_probe_tokens_in_flight == 100
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert task.cancelled()
+            snap = co.snapshot()
+            assert snap.num_probe_tokens_in_flight == 0 and snap.num_chunks_waiting == 0
+        assert pool.num_free == 6
+    finally:
+        await co.stop()
