@@ -11,7 +11,6 @@ gate admits it. Without one (benchmarks, tests, the baseline comparison), every 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import time
@@ -20,6 +19,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+from scheduler.aio import gather_or_cancel
 from scheduler.engine.binding import PROBE_PRIORITY, EngineBinding
 from scheduler.objectives import EncodedDataset
 from scheduler.probe_eval import probe_batch_score
@@ -61,10 +61,8 @@ async def score_round(
 ) -> list[list]:
     """Scores of every sequence under each slot's state: one list per slot, in sequence order."""
     if gate is None:
-        return list(
-            await asyncio.gather(
-                *(binding.score(sequences, slot, salt=salt, priority=priority) for slot, salt in zip(slots, salts))
-            )
+        return await gather_or_cancel(
+            binding.score(sequences, slot, salt=salt, priority=priority) for slot, salt in zip(slots, salts)
         )
     groups = chunked(sequences, gate.chunk_tokens)
 
@@ -75,7 +73,7 @@ async def score_round(
 
     # Chunk-major order: the + and − probes of a direction advance together, so the step finishes as one.
     jobs = [(j, group) for group in groups for j in range(len(slots))]
-    results = await asyncio.gather(*(one_chunk(slots[j], salts[j], group) for j, group in jobs))
+    results = await gather_or_cancel(one_chunk(slots[j], salts[j], group) for j, group in jobs)
     per_slot: list[list] = [[] for _ in slots]
     for (j, _), scores in zip(jobs, results):
         per_slot[j].extend(scores)
@@ -172,11 +170,9 @@ async def run_engine_step(
         if isinstance(data, EncodedReward):  # generated, then matched: the round enters as one chunk
             num_round_tokens = len(round_slots) * sum(len(seq.token_ids) for seq in sequences)
             async with gate.admit(num_round_tokens) if gate is not None else contextlib.nullcontext():
-                results = await asyncio.gather(
-                    *(
-                        probe_batch_score(binding, data, batch, sequences, slot, salt=salt_j, priority=priority)
-                        for slot, salt_j in zip(round_slots, salts)
-                    )
+                results = await gather_or_cancel(
+                    probe_batch_score(binding, data, batch, sequences, slot, salt=salt_j, priority=priority)
+                    for slot, salt_j in zip(round_slots, salts)
                 )
         else:
             per_slot = await score_round(binding, sequences, round_slots, salts, priority, gate)

@@ -8,9 +8,9 @@ paths submit their sequences at once at the caller's priority, with a `cache_sal
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
+from scheduler.aio import gather_or_cancel
 from scheduler.engine.binding import PROBE_PRIORITY, EngineBinding
 from scheduler.objectives import BatchScore, EncodedDataset
 from scheduler.rewards import EncodedReward
@@ -32,7 +32,7 @@ async def greedy_generations(
             text = chunk.text  # cumulative
         return text
 
-    return list(await asyncio.gather(*(one(i) for i in indices)))
+    return await gather_or_cancel(one(i) for i in indices)
 
 
 async def probe_batch_score(

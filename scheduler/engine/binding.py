@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
+from scheduler.aio import gather_or_cancel
 from scheduler.engine.config import EngineConfig
 from scheduler.engine.worker_extension import layout_to_wire, tensors_from_wire, tensors_to_wire
 from scheduler.errors import EngineSelfTestFailed
@@ -214,7 +215,7 @@ class EngineBinding:
     ) -> list[SequenceScores]:
         """Score every sequence under the state in `slot` (None: the base model), all submitted at once."""
         lora = self.slot_request(slot) if slot is not None else None
-        return list(await asyncio.gather(*(self._score_with(seq, lora, salt, priority) for seq in sequences)))
+        return await gather_or_cancel(self._score_with(seq, lora, salt, priority) for seq in sequences)
 
     async def _score_with(self, seq: ScoringSequence, lora, salt: str, priority: int) -> SequenceScores:
         from vllm import SamplingParams
