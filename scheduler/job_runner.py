@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from scheduler.engine_step import run_engine_step
+from scheduler.engine.binding import PROBE_PRIORITY
+from scheduler.engine_step import ChunkGate, run_engine_step, score_round
 from scheduler.errors import InvalidJobSpec, NoCapacity
 from scheduler.job_artifacts import job_artifacts, method_and_wire
 from scheduler.job_journal import JobProgress
@@ -143,17 +144,26 @@ def step_tokens(data: EncodedDataset, batch_size: int, num_probes: int) -> int:
 async def _evaluate(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, data: EncodedDataset) -> EvalMetric:
     tokens = step_tokens(data, len(data), 1)
     async with runtime.coscheduler.step(run.id, run.spec.weight, tokens, 1) as lease:
-        return await _score_eval(runtime, run, adapter, data, lease.slot_ids[0])
+        return await _score_eval(runtime, run, adapter, data, lease.slot_ids[0], lease.gate)
 
 
-async def _score_eval(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, data: EncodedDataset, slot: int) -> EvalMetric:
+async def _score_eval(
+    runtime: Runtime, run: JobRun, adapter: LoadedAdapter, data: EncodedDataset, slot: int, gate: ChunkGate
+) -> EvalMetric:
     binding = runtime.binding
     await binding.write_state(adapter.name, slot)
     salt = f"eval:{run.id}@{adapter.head}"
     total_loss, num_correct, count = 0.0, 0, 0
     for start in range(0, len(data), EVAL_CHUNK):
         indices = list(range(start, min(len(data), start + EVAL_CHUNK)))
-        batch: BatchScore = await probe_batch_score(binding, data, indices, data.sequences(indices), slot, salt=salt)
+        sequences = data.sequences(indices)
+        # Through the token gate like a step's chunks: an eval is probe work in the engine too.
+        if isinstance(data, EncodedReward):  # generated, then matched: the eval chunk enters whole
+            async with gate.admit(sum(len(seq.token_ids) for seq in sequences)):
+                batch: BatchScore = await probe_batch_score(binding, data, indices, sequences, slot, salt=salt)
+        else:
+            (scores,) = await score_round(binding, sequences, [slot], [salt], PROBE_PRIORITY, gate)
+            batch = data.score_batch(indices, scores)
         total_loss += batch.loss * batch.num_examples
         num_correct += batch.num_correct
         count += batch.num_examples
