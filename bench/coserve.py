@@ -637,8 +637,9 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "zo_batch_size": args.zo_batch_size, "zo_num_directions": args.zo_q,
             "coscheduler_target_ttft_ms": args.target_ttft_ms if args.target_ttft_ms is not None else "service default",
             "coscheduler_chunk_tokens": args.chunk_tokens if args.chunk_tokens is not None else "service default",
+            "coscheduler_min_chunks_in_flight": args.min_chunks if args.min_chunks is not None else "service default",
             "coscheduler_hold_chunks_while_users_wait": not args.no_hold,
-            "cpu_threads": args.cpu_threads if args.cpu_threads is not None else "every core",
+            "cpu_threads": args.cpu_threads if args.cpu_threads is not None else "service default (cores - 1)",
             "max_num_batched_tokens": engine.max_num_batched_tokens, "max_num_seqs": engine.max_num_seqs,
         },
         "calibration": raw.calibration,
@@ -664,6 +665,7 @@ async def run(args) -> tuple[dict, Raw]:
         data_dir=data_dir, tiny_model=args.model, dtype=args.dtype, num_slots=args.num_slots, metrics_refresh_s=1.0,
         **({"coscheduler_target_ttft_ms": args.target_ttft_ms} if args.target_ttft_ms is not None else {}),
         **({"coscheduler_chunk_tokens": args.chunk_tokens} if args.chunk_tokens is not None else {}),
+        **({"coscheduler_min_chunks_in_flight": args.min_chunks} if args.min_chunks is not None else {}),
         **({"cpu_threads": args.cpu_threads} if args.cpu_threads is not None else {}),
         coscheduler_hold_chunks_while_users_wait=not args.no_hold,
     )
@@ -732,8 +734,9 @@ def main() -> None:
         "--target-from-users", type=float, default=1.2,
         help="without --target-ttft-ms: set the co-scheduler target to this x the server-side p95 TTFT measured in the users-alone phase",
     )
-    parser.add_argument("--cpu-threads", type=int, default=None, help="the engine's OpenMP threads (default: every core)")
+    parser.add_argument("--cpu-threads", type=int, default=None, help="the engine's OpenMP threads (default: the service's, every core but one)")
     parser.add_argument("--no-hold", action="store_true", help="let chunks enter while a user waits for its first token")
+    parser.add_argument("--min-chunks", type=int, default=None, help="co-scheduler budget floor in chunks (default: the service's)")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="co-scheduler probe chunk size (default: the service's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's per-step token budget (default: the service's)")
     parser.add_argument("--rolling-window-s", type=float, default=10.0)

@@ -49,16 +49,21 @@ class CoSchedulerConfig:
     target_ttft_ms: float = 500.0
     max_tokens_in_flight: int = 8192
     # A step's sequences enter the engine in chunks of about this many tokens; the budget never drops below
-    # one chunk, so ZO keeps trickling next to users. A user arriving waits behind at most the budget.
-    chunk_tokens: int = 256
+    # `min_chunks_in_flight` chunks, so ZO keeps trickling next to users. A user arriving waits behind at
+    # most the budget.
+    chunk_tokens: int = 128
     # Rounds run when something changes; this idle tick only lets stale latency samples age out.
     round_interval_s: float = 0.25
     ttft_window_s: float = 5.0
     fairness_max_lead_tokens: float = 0.0  # virtual-time lead a job may take over the slowest (0: strict)
     hold_chunks_while_users_wait: bool = True
 
+    # The budget's floor, in chunks: two keep one chunk in the forward while the next waits in vLLM's queue,
+    # so even at the floor every forward can carry one chunk (one chunk alone idles every other forward).
+    min_chunks_in_flight: int = 2
+
     def controller(self) -> ControllerConfig:
-        floor = min(self.chunk_tokens, self.max_tokens_in_flight)
+        floor = min(self.min_chunks_in_flight * self.chunk_tokens, self.max_tokens_in_flight)
         return ControllerConfig(
             target_ttft_ms=self.target_ttft_ms,
             max_tokens_in_flight=self.max_tokens_in_flight,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -49,7 +50,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         kv_cache_gib=settings.kv_cache_gib,
         max_model_len=settings.max_model_len,
         max_num_batched_tokens=settings.max_num_batched_tokens,
-        num_cpu_threads=settings.cpu_threads,
+        num_cpu_threads=settings.cpu_threads or max(1, (os.cpu_count() or 1) - 1),
     )
 
 
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None, binding: EngineBinding | None =
                 target_ttft_ms=settings.coscheduler_target_ttft_ms,
                 max_tokens_in_flight=settings.coscheduler_max_tokens_in_flight,
                 chunk_tokens=settings.coscheduler_chunk_tokens,
+                min_chunks_in_flight=settings.coscheduler_min_chunks_in_flight,
                 fairness_max_lead_tokens=settings.coscheduler_fairness_max_lead_tokens,
                 hold_chunks_while_users_wait=settings.coscheduler_hold_chunks_while_users_wait,
             ),

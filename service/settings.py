@@ -42,11 +42,16 @@ class Settings(BaseSettings):
     # The user time-to-first-token p95 the co-scheduler keeps ZO work under.
     coscheduler_target_ttft_ms: float = Field(500.0, gt=0)
     coscheduler_max_tokens_in_flight: int = Field(8192, ge=1)
-    coscheduler_chunk_tokens: int = Field(256, ge=1)  # probe tokens per chunk: a user waits behind ~one
+    coscheduler_chunk_tokens: int = Field(128, ge=1)  # probe tokens per chunk: a user waits behind ~one
+    # The budget's floor in chunks: ZO's guaranteed trickle next to users (0: ZO may stop while users'
+    # latency is over target, and then resumes only when it recovers or users leave).
+    coscheduler_min_chunks_in_flight: int = Field(2, ge=0)
     coscheduler_fairness_max_lead_tokens: float = Field(0.0, ge=0)
     coscheduler_hold_chunks_while_users_wait: bool = True
     freeze_gc_heap: bool = True  # gc.freeze() once started (as vLLM's server does): shorter full collections
-    cpu_threads: int | None = Field(None, ge=1)  # the CPU engine's OpenMP threads (None: every core)
+    # The CPU engine's OpenMP threads. None: every core but one, which stays with this process (HTTP, vLLM's
+    # input/output processing, the step loops); on 2 cores that doubled user capacity and halved TTFT.
+    cpu_threads: int | None = Field(None, ge=1)
     data_dir: Path = Path(".zoserve")
     redis_url: str | None = None
     # Full adapter snapshot every N committed versions (replay covers the ones between).

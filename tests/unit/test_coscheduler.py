@@ -153,3 +153,10 @@ async def test_a_chunk_cancelled_right_after_its_admission_leaves_no_tokens_in_f
         assert pool.num_free == 6
     finally:
         await co.stop()
+
+
+def test_budget_floor_is_a_number_of_chunks():
+    assert CoSchedulerConfig(chunk_tokens=128).controller().min_tokens_in_flight == 256  # default: two chunks
+    off = CoSchedulerConfig(chunk_tokens=128, min_chunks_in_flight=0).controller()
+    assert off.min_tokens_in_flight == 0  # ZO may stop entirely while users' latency is over target
+    assert CoSchedulerConfig(chunk_tokens=4096, max_tokens_in_flight=1000).controller().min_tokens_in_flight == 1000
