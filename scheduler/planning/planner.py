@@ -154,8 +154,28 @@ def admit_chunks(
 
 def plan_round(config: PlannerConfig, state: PlannerState, observation: RoundObservation) -> RoundPlan:
     in_flight = observation.num_probe_tokens_in_flight
-    fairness = sync_jobs(state.fairness, observation.jobs, config.fairness_idle_grace_s)
-    eligible, ahead = fair_order(fairness, observation.jobs, config.fairness_idle_grace_s, config.fairness_max_lead)
+
+    def fair_slots(jobs: tuple[JobDemand, ...]):  # -> (fairness, eligible, ahead, slot plan)
+        fairness = sync_jobs(state.fairness, jobs, config.fairness_idle_grace_s)
+        eligible, ahead = fair_order(fairness, jobs, config.fairness_idle_grace_s, config.fairness_max_lead)
+        slot_plan = plan_slots(
+            config.num_slots,
+            observation.slots,
+            observation.serving_demands,
+            [ProbeDemand(job.job_id, job.num_probe_slots) for job in eligible],
+            config.num_reserved_serving_slots,
+        )
+        return fairness, eligible, ahead, slot_plan
+
+    fairness, eligible, ahead, slot_plan = fair_slots(observation.jobs)
+    unservable = {
+        job_id for job_id, status in slot_plan.blocked_jobs if status is JobStatus.NEEDS_MORE_SLOTS_THAN_EXIST
+    }
+    if unservable:
+        # Its slots are held by serving adapters; until they are given back it leaves the fair queue as a
+        # paused job does, or with the smallest tag it would hold every other job "ahead of share" for good.
+        fair_jobs = tuple(replace(job, is_paused=True) if job.job_id in unservable else job for job in observation.jobs)
+        fairness, eligible, ahead, slot_plan = fair_slots(fair_jobs)
     queued = sum(chunk.num_tokens for chunk in observation.chunk_requests)
     wanted = in_flight + queued + sum(job.num_step_tokens for job in eligible)
     controller = update_budget(
@@ -163,13 +183,7 @@ def plan_round(config: PlannerConfig, state: PlannerState, observation: RoundObs
     )
 
     statuses: dict[str, JobStatus] = {job.job_id: JobStatus.AHEAD_OF_SHARE for job in ahead}
-    slot_plan = plan_slots(
-        config.num_slots,
-        observation.slots,
-        observation.serving_demands,
-        [ProbeDemand(job.job_id, job.num_probe_slots) for job in eligible],
-        config.num_reserved_serving_slots,
-    )
+    statuses.update({job_id: JobStatus.NEEDS_MORE_SLOTS_THAN_EXIST for job_id in unservable})
     statuses.update(dict(slot_plan.blocked_jobs))
 
     jobs_by_id = {job.job_id: job for job in observation.jobs}

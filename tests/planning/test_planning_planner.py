@@ -193,3 +193,22 @@ def test_no_chunk_enters_while_a_user_waits_for_its_first_token():
     assert plan_round(CONFIG, state, observation(latency=served, chunk_requests=chunk)).chunk_grants == chunk
     off = replace(CONFIG, hold_chunks_while_users_wait=False)
     assert plan_round(off, state, observation(latency=waiting, chunk_requests=chunk)).chunk_grants == chunk
+
+
+def test_a_job_whose_slots_serving_adapters_hold_does_not_hold_the_others_behind_its_share():
+    config = replace(CONFIG, num_slots=6, num_reserved_serving_slots=0)
+    serving = tuple(SlotOccupancy(i, SlotKind.SERVING, f"x@{i}", 1, 0.0) for i in range(4))  # busy served adapters
+    demands = tuple(ServingDemand(f"x@{i}", is_pinned=True) for i in range(4))
+    big, small = JobDemand("a", 1.0, 500, 4), JobDemand("b", 1.0, 500, 2)  # "a" sorts first: the smaller tag
+    state = initial_planner_state(config)
+    for _ in range(5):  # "b" steps again and again; "a" waits for the serving slots
+        plan = plan_round(
+            config, state, RoundObservation(0.0, LatencySignal(), 0, (big, small), serving, demands)
+        )
+        state = plan.next_state
+        assert [grant.job_id for grant in plan.step_grants] == ["b"]
+        statuses = {job.job_id: job.status for job in plan.record.jobs}
+        assert statuses == {"a": JobStatus.NEEDS_MORE_SLOTS_THAN_EXIST, "b": JobStatus.GRANTED}
+    # Once the serving slots are back, "a" rejoins at the current virtual time and goes first.
+    plan = plan_round(config, state, RoundObservation(0.0, LatencySignal(), 0, (big, small)))
+    assert [grant.job_id for grant in plan.step_grants] == ["a"]

@@ -160,3 +160,40 @@ def test_budget_floor_is_a_number_of_chunks():
     off = CoSchedulerConfig(chunk_tokens=128, min_chunks_in_flight=0).controller()
     assert off.min_tokens_in_flight == 0  # ZO may stop entirely while users' latency is over target
     assert CoSchedulerConfig(chunk_tokens=4096, max_tokens_in_flight=1000).controller().min_tokens_in_flight == 1000
+
+
+async def test_a_job_short_of_slots_held_by_busy_served_adapters_does_not_stall_the_others():
+    slots = (1, 2, 3, 4, 5, 6)
+    pool = SlotPool(slots)
+    served = {slot: f"user-adapter@{slot}" for slot in pool.take(4)}
+    users_in_flight = [1]  # the served adapters are busy at first, so nothing can be reclaimed yet
+
+    async def reclaim() -> bool:
+        if not served or users_in_flight[0]:
+            return False
+        slot, _ = served.popitem()
+        await pool.give_back((slot,))
+        return True
+
+    config = CoSchedulerConfig(target_ttft_ms=100.0, max_tokens_in_flight=4000, chunk_tokens=100)
+    co = CoScheduler(config, pool, slots, lambda: [(s, o, users_in_flight[0]) for s, o in served.items()], reclaim)
+    done = {"big": 0, "small": 0}
+
+    async def worker(job: str, num_slots: int) -> None:
+        while done[job] < 3:
+            async with co.step(job, 1.0, 100, num_slots) as lease, lease.gate.admit(100):
+                done[job] += 1
+                await asyncio.sleep(0.01)
+
+    co.start()
+    try:
+        small = asyncio.create_task(worker("small", 2))
+        big = asyncio.create_task(worker("big", 4))  # needs more slots than the busy adapters leave
+        await asyncio.wait_for(small, 10)  # it must not wait behind the job that cannot run
+        assert done == {"big": 0, "small": 3}
+        users_in_flight[0] = 0
+        co.wake()
+        await asyncio.wait_for(big, 10)
+        assert done["big"] == 3 and pool.num_free == 6 - len(served)
+    finally:
+        await co.stop()
