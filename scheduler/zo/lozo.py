@@ -42,6 +42,19 @@ def basis_seed(job_seed: int, window: int) -> int:
     return derive_seeds((int(job_seed) ^ _BASIS_SALT) % _SEED_MOD, window, 1)[0]
 
 
+def window_step_seeds(job_seed: int, step: int, num_directions: int, basis_interval: int) -> StepSeeds:
+    """A step's direction seeds and its window's V seed; at a window's first step > 0 (a refresh) the
+    previous window's V seed too."""
+    window = step // basis_interval
+    refresh = step > 0 and step % basis_interval == 0
+    return StepSeeds(
+        step,
+        tuple(derive_seeds(job_seed, step, num_directions)),
+        basis_seed(job_seed, window),
+        basis_seed(job_seed, window - 1) if refresh else None,
+    )
+
+
 @dataclass(frozen=True)
 class LowRankPerturbation:
     rank: int  # k
@@ -49,14 +62,7 @@ class LowRankPerturbation:
     mezo_directions = False
 
     def seeds_for_step(self, job_seed: int, step: int, num_directions: int) -> StepSeeds:
-        window = step // self.basis_interval
-        refresh = step > 0 and step % self.basis_interval == 0
-        return StepSeeds(
-            step,
-            tuple(derive_seeds(job_seed, step, num_directions)),
-            basis_seed(job_seed, window),
-            basis_seed(job_seed, window - 1) if refresh else None,
-        )
+        return window_step_seeds(job_seed, step, num_directions, self.basis_interval)
 
     def basis(self, layout: LoraLayout, seed: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
         """V [n, k] per tensor, one randn per tensor in layout order from the basis seed's generator."""

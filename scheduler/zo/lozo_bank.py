@@ -36,9 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduler.zo.directions import derive_seeds
 from scheduler.zo.lora_layout import LoraLayout, TensorSpec
-from scheduler.zo.lozo import basis_seed
+from scheduler.zo.lozo import window_step_seeds
 from scheduler.zo.zo_step import Perturbation, StepRecord, StepSeeds, TrainState, buffer_key
 
 
@@ -97,14 +96,7 @@ class BankPerturbation:
 
     def seeds_for_step(self, job_seed: int, step: int, num_directions: int) -> StepSeeds:
         """As LoZO's: V of the step's window, and at a window's first step > 0 the previous window's V too."""
-        window = step // self.basis_interval
-        entering = step > 0 and step % self.basis_interval == 0
-        return StepSeeds(
-            step,
-            tuple(derive_seeds(job_seed, step, num_directions)),
-            basis_seed(job_seed, window),
-            basis_seed(job_seed, window - 1) if entering else None,
-        )
+        return window_step_seeds(job_seed, step, num_directions, self.basis_interval)
 
     def basis(self, layout: LoraLayout, seed: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
         """(A spec, V [in, k]) per module, one randn per A tensor in layout order."""
