@@ -61,6 +61,9 @@ class PlannerConfig:
     # No chunk enters while a user request waits for its first token: its prefill gets the engine without
     # new probe work; probes already in flight finish (a forward cannot be preempted).
     hold_chunks_while_users_wait: bool = True
+    # ... but never for longer than this in a row: under sustained load some user is always waiting, and the
+    # hold alone would stop ZO for good (the budget's floor is the trickle that is meant to remain).
+    max_hold_s: float = 0.25
     # A job between two steps keeps its place for this long (commit and publish take milliseconds; an
     # evaluation or a data wait longer than this must not hold the other jobs back).
     fairness_idle_grace_s: float = 1.0
@@ -74,6 +77,8 @@ class PlannerConfig:
         require(0.0 <= self.share_decay < 1.0, "share_decay", "must be in [0, 1)")
         require_finite(self.fairness_max_lead, "fairness_max_lead")
         require(self.fairness_max_lead >= 0.0, "fairness_max_lead", "must be >= 0")
+        require_finite(self.max_hold_s, "max_hold_s")
+        require(self.max_hold_s >= 0.0, "max_hold_s", "must be >= 0")
         require_finite(self.fairness_idle_grace_s, "fairness_idle_grace_s")
         require(self.fairness_idle_grace_s >= 0.0, "fairness_idle_grace_s", "must be >= 0")
 
@@ -83,6 +88,7 @@ class PlannerState:
     controller: ControllerState
     fairness: FairnessState = field(default_factory=FairnessState)
     num_rounds: int = 0
+    hold_since_s: float | None = None  # when the current hold on chunks began (None: not holding)
 
 
 def initial_planner_state(config: PlannerConfig) -> PlannerState:
@@ -196,13 +202,25 @@ def plan_round(config: PlannerConfig, state: PlannerState, observation: RoundObs
     granted_tokens = {grant.job_id: grant.num_tokens for grant in grants}
     fairness = close_round(fairness, granted_tokens, config.share_decay)
 
-    users_wait = config.hold_chunks_while_users_wait and observation.latency.num_user_waiting > 0
-    chunks = () if users_wait else admit_chunks(controller.budget_tokens, in_flight, observation.chunk_requests)
-    next_state = PlannerState(controller=controller, fairness=fairness, num_rounds=state.num_rounds + 1)
+    hold_since = _hold_since(config, state, observation)
+    holding = hold_since is not None and observation.now_s - hold_since < config.max_hold_s
+    chunks = () if holding else admit_chunks(controller.budget_tokens, in_flight, observation.chunk_requests)
+    if chunks:
+        hold_since = None  # a hold that had to give way starts afresh
+    next_state = PlannerState(
+        controller=controller, fairness=fairness, num_rounds=state.num_rounds + 1, hold_since_s=hold_since
+    )
     record = _record(config, next_state, observation, slot_plan, statuses, granted_tokens, chunks)
     return RoundPlan(
         step_grants=tuple(grants), chunk_grants=chunks, slots=slot_plan, record=record, next_state=next_state
     )
+
+
+def _hold_since(config: PlannerConfig, state: PlannerState, observation: RoundObservation) -> float | None:
+    """Start of the hold on chunks in force this round, or None when no user waits (or holds are off)."""
+    if not (config.hold_chunks_while_users_wait and observation.latency.num_user_waiting > 0):
+        return None
+    return observation.now_s if state.hold_since_s is None else state.hold_since_s
 
 
 def _job_status(job: JobDemand, statuses: dict[str, JobStatus]) -> JobStatus:
