@@ -374,7 +374,9 @@ def user_summary(samples: list[UserSample], duration_s: float) -> dict:
     ok = [s for s in samples if s.error is None and s.ttft_s is not None]
     return {
         "num_requests": len(samples),
-        "num_errors": len(samples) - len(ok),
+        "num_errors": sum(1 for s in samples if s.error),
+        # Sampled end-of-text first (one output token, no text): no TTFT to count, not a service error.
+        "num_without_text": sum(1 for s in samples if not s.error and s.ttft_s is None),
         "errors": sorted({s.error for s in samples if s.error})[:5],
         "offered_rate_per_s": len(samples) / duration_s,
         "ttft_p50_ms": _pct([s.ttft_s for s in ok], 50),
@@ -699,7 +701,7 @@ def print_summary(result: dict) -> None:
     print(f"calibration: {cal['completions_per_s']:.1f} completions/s at concurrency {cal['concurrency']}; load {result['config']['rate_per_s']:.2f}/s")
     for name, u in (("users alone", users), ("together", together)):
         print(
-            f"{name:12s} {u['num_requests']} requests ({u['num_errors']} errors): TTFT p50 {_fmt(u['ttft_p50_ms'], '.1f')} "
+            f"{name:12s} {u['num_requests']} requests ({u['num_errors']} errors, {u['num_without_text']} without text): TTFT p50 {_fmt(u['ttft_p50_ms'], '.1f')} "
             f"p99 {_fmt(u['ttft_p99_ms'], '.1f')} ms, e2e p50 {_fmt(u['e2e_p50_ms'], '.1f')} p99 {_fmt(u['e2e_p99_ms'], '.1f')} ms"
         )
     for name, z in (("zo alone", zo), ("together", zo_t)):
