@@ -48,7 +48,6 @@ TokenClass = Literal["serve", "train"]
 ADAPTER_CLASSES: Final = ("base", "adapter", "pinned_version")
 TOKEN_CLASSES: Final = ("serve", "train")
 SLOT_USES: Final = ("probe", "serving", "pinned_version", "free")
-PROBE_TOKEN_STATES: Final = ("in_flight", "queued")
 BUDGET_REASONS: Final = tuple(reason.value for reason in BudgetReason)
 QUEUES: Final = ("user_waiting", "user_running", "zo_waiting", "zo_inflight")
 DEFAULT_JOB_STATES: Final = ("pending", "running", "paused", "succeeded", "failed", "cancelled")
@@ -92,7 +91,6 @@ METRIC_NAMES: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
     "zoserve_cosched_train_budget_tokens": ("gauge", ()),
     "zoserve_cosched_user_latency_seconds": ("gauge", ()),
     "zoserve_cosched_user_latency_target_seconds": ("gauge", ()),
-    "zoserve_cosched_probe_tokens": ("gauge", ("state",)),
     "zoserve_cosched_budget_reason_info": ("gauge", ("reason",)),
     "zoserve_cosched_job_token_share_ratio": ("gauge", ("adapter",)),
     "zoserve_lora_slots": ("gauge", ("use",)),
@@ -233,10 +231,6 @@ class ZoMetrics:
             "zoserve_cosched_user_latency_target_seconds", "User latency the co-scheduler steers towards.",
             registry=r,
         )
-        self._cosched_probe_tokens = Gauge(
-            "zoserve_cosched_probe_tokens", "Probe scoring tokens admitted into the engine / queued for the budget.",
-            ["state"], registry=r,
-        )
         self._cosched_reason = Gauge(
             "zoserve_cosched_budget_reason_info", "1 for the controller's latest budget decision, 0 for the others.",
             ["reason"], registry=r,
@@ -253,8 +247,6 @@ class ZoMetrics:
             self._jobs.labels(state=state).set(0)
         for use in SLOT_USES:
             self._lora_slots.labels(use=use).set(0)
-        for state in PROBE_TOKEN_STATES:
-            self._cosched_probe_tokens.labels(state=state).set(0)
         for reason in BUDGET_REASONS:
             self._cosched_reason.labels(reason=reason).set(0)
         for queue in QUEUES:
@@ -345,16 +337,7 @@ class ZoMetrics:
         self._cosched_latency.set(user_latency_s)
         self._cosched_target.set(target_latency_s)
 
-    def set_cosched_detail(
-        self,
-        *,
-        probe_tokens_in_flight: int,
-        probe_tokens_queued: int,
-        budget_reason: str | None,
-        job_token_shares: Mapping[str, float],
-    ) -> None:
-        self._cosched_probe_tokens.labels(state="in_flight").set(probe_tokens_in_flight)
-        self._cosched_probe_tokens.labels(state="queued").set(probe_tokens_queued)
+    def set_cosched_detail(self, *, budget_reason: str | None, job_token_shares: Mapping[str, float]) -> None:
         for reason in BUDGET_REASONS:
             self._cosched_reason.labels(reason=reason).set(1 if reason == budget_reason else 0)
         for adapter in self._share_adapters - set(job_token_shares):  # jobs that ended: drop their series

@@ -138,12 +138,9 @@ def refresh_gauges(app_state) -> None:
         zo_waiting=stats.zo_waiting,
         zo_inflight=stats.zo_inflight,
     )
-    metrics.set_cosched_detail(
-        probe_tokens_in_flight=stats.probe_tokens_in_flight,
-        probe_tokens_queued=stats.probe_tokens_queued,
-        budget_reason=stats.budget_reason,
-        job_token_shares=dict(stats.job_token_shares),
-    )
+    # Probe tokens in flight are not exported: chunks live for milliseconds, a gauge read every second
+    # would show noise. The train share of engine tokens (zoserve_engine_tokens_total) carries that.
+    metrics.set_cosched_detail(budget_reason=stats.budget_reason, job_token_shares=dict(stats.job_token_shares))
     if stats.train_budget_tokens is not None:
         metrics.set_cosched(
             train_budget_tokens=stats.train_budget_tokens,

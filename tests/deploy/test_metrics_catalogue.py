@@ -30,8 +30,7 @@ def fed_metrics() -> ZoMetrics:
     for adapter_class in ADAPTER_CLASSES:
         m.observe_user_request(adapter_class, duration_s=0.3, ttft_s=0.04)
     m.set_cosched(train_budget_tokens=4096, user_latency_s=0.12, target_latency_s=0.2)
-    m.set_cosched_detail(probe_tokens_in_flight=512, probe_tokens_queued=1024, budget_reason="hold_band",
-                         job_token_shares={"sst2-lora": 0.4, "other": 0.6})
+    m.set_cosched_detail(budget_reason="hold_band", job_token_shares={"sst2-lora": 0.4, "other": 0.6})
     m.set_lora_slots(probe=4, serving=2, pinned_version=1, free=1)
     m.set_queue_depths(user_waiting=1, user_running=3, zo_waiting=10, zo_inflight=32)
     return m
@@ -141,9 +140,7 @@ def test_cosched_detail_marks_one_reason_and_drops_ended_jobs() -> None:
     text = m.exposition().decode()
     assert 'zoserve_cosched_budget_reason_info{reason="hold_band"} 1.0' in text
     assert 'zoserve_cosched_budget_reason_info{reason="clamp_users_waiting"} 0.0' in text
-    assert 'zoserve_cosched_probe_tokens{state="queued"} 1024.0' in text
-    m.set_cosched_detail(probe_tokens_in_flight=0, probe_tokens_queued=0, budget_reason=None,
-                         job_token_shares={"sst2-lora": 1.0})
+    m.set_cosched_detail(budget_reason=None, job_token_shares={"sst2-lora": 1.0})
     text = m.exposition().decode()
     assert 'zoserve_cosched_job_token_share_ratio{adapter="sst2-lora"} 1.0' in text
     assert 'adapter="other"' not in text.split("zoserve_cosched_job_token_share_ratio")[-1]

@@ -37,6 +37,7 @@ def feed(metrics: ZoMetrics, tick: int) -> None:
     metrics.count_tokens("train", 900)
     metrics.set_jobs_by_state({"running": 2, "pending": 1})
     metrics.set_cosched(train_budget_tokens=2048 + tick % 3, user_latency_s=0.15, target_latency_s=0.25)
+    metrics.set_cosched_detail(budget_reason="hold_band", job_token_shares={"sst2-a": 1 / 3, "sst2-b": 2 / 3})
     metrics.set_lora_slots(probe=4, serving=2, pinned_version=1, free=1)
     metrics.set_queue_depths(user_waiting=1, user_running=2, zo_waiting=8, zo_inflight=32)
 
