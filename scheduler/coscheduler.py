@@ -82,7 +82,6 @@ class CoSchedulerSnapshot:
     ttft_p95_ms: float | None
     num_probe_tokens_in_flight: int = 0
     num_chunks_waiting: int = 0
-    num_probe_tokens_queued: int = 0
 
 
 @dataclass
@@ -213,7 +212,6 @@ class CoScheduler:
             ttft_p95_ms=percentile_ms(recent, 0.95) if recent else None,
             num_probe_tokens_in_flight=sum(self._chunks_in_flight.values()),
             num_chunks_waiting=len(self._chunks_waiting),
-            num_probe_tokens_queued=sum(c.request.num_tokens for c in self._chunks_waiting.values()),
         )
 
     # ----------------------------------------------------------------- lifecycle

@@ -63,8 +63,6 @@ class RuntimeStats:
     train_budget_tokens: int | None
     user_latency_s: float | None  # the measured TTFT p95 the controller acts on
     target_latency_s: float
-    probe_tokens_in_flight: int = 0  # admitted probe chunks not yet returned
-    probe_tokens_queued: int = 0  # chunks of granted steps waiting for the budget
     budget_reason: str | None = None  # the controller's last decision (BudgetReason value)
     job_token_shares: tuple[tuple[str, float], ...] = ()  # (adapter, recent share of granted scoring tokens)
 
@@ -266,8 +264,6 @@ class Runtime:
             train_budget_tokens=record.budget_tokens if record else self.coscheduler.initial_budget_tokens,
             user_latency_s=co.ttft_p95_ms / 1000.0 if co.ttft_p95_ms is not None else None,
             target_latency_s=self.coscheduler.config.target_ttft_ms / 1000.0,
-            probe_tokens_in_flight=co.num_probe_tokens_in_flight,
-            probe_tokens_queued=co.num_probe_tokens_queued,
             budget_reason=record.budget_reason if record else None,
             job_token_shares=tuple(
                 (self._jobs[job.job_id].spec.adapter, job.recent_token_share)
