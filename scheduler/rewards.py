@@ -35,6 +35,14 @@ def _contains(haystack: tuple[str, ...], needle: tuple[str, ...]) -> bool:
     return any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
+class InvalidRewardObjective(ValueError):
+    """A bad objective field; `field` names it (the message starts with it too)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
 def reward(generation: str, references: Sequence[str], match: str) -> float:
     """1.0 when `generation` matches any reference under rule `match`, else 0.0."""
     if match not in MATCH_RULES:
@@ -67,27 +75,27 @@ class RewardObjective:
 
     def __post_init__(self) -> None:
         if "{prompt}" not in self.template:
-            raise ValueError("template: must contain {prompt}")
+            raise InvalidRewardObjective("template", "must contain {prompt}")
         try:
             self.template.format(prompt="")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"template: only {{prompt}} may be a placeholder ({exc!r})") from None
+            raise InvalidRewardObjective("template", f"only {{prompt}} may be a placeholder ({exc!r})") from None
         if self.match not in MATCH_RULES:
-            raise ValueError(f"match: {self.match!r} is not one of {list(MATCH_RULES)}")
+            raise InvalidRewardObjective("match", f"{self.match!r} is not one of {list(MATCH_RULES)}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise ValueError(f"max_new_tokens: {self.max_new_tokens!r} must be an integer in [1, {MAX_NEW_TOKENS}]")
+            raise InvalidRewardObjective("max_new_tokens", f"{self.max_new_tokens!r} must be an integer in [1, {MAX_NEW_TOKENS}]")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop: every stop string must be a non-empty string")
+            raise InvalidRewardObjective("stop", "every stop string must be a non-empty string")
 
     def encode(self, tokenizer, examples: Sequence[PromptCompletion], max_len: int) -> "EncodedReward":
         keep_first = 1 if tokenizer.bos_token_id is not None else 0
         budget = max_len - self.max_new_tokens - 1
         if budget < 1 + keep_first:
-            raise ValueError(f"max_new_tokens: {self.max_new_tokens} leaves no room for a prompt in {max_len} tokens")
+            raise InvalidRewardObjective("max_new_tokens", f"{self.max_new_tokens} leaves no room for a prompt in {max_len} tokens")
         prompts, references = [], []
         for index, ex in enumerate(examples):
             if not words(ex.completion):
-                raise ValueError(f"examples[{index}].completion: the reference answer has no word to match")
+                raise InvalidRewardObjective(f"examples[{index}].completion", "the reference answer has no word to match")
             ids = tokenizer(self.template.format(prompt=ex.prompt)).input_ids
             prompts.append(tuple(_truncate_left(list(ids), budget, keep_first)))
             references.append((ex.completion,))

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from scheduler.jobs import JobSpec, JobView, SparseMaskRequest
 from scheduler.objectives import ClassificationObjective, CompletionObjective
-from scheduler.rewards import RewardObjective
+from scheduler.rewards import InvalidRewardObjective, RewardObjective
 from scheduler.runtime import Runtime
 from scheduler.zo.lora_layout import LoraShape
 from scheduler.zo.mezo import MezoHyper
@@ -69,9 +69,8 @@ def to_spec(body: JobCreate, files: FileStore) -> JobSpec:
             runtime_objective = RewardObjective(
                 objective.template, objective.match, objective.max_new_tokens, tuple(objective.stop)
             )
-        except ValueError as exc:  # the message starts with the field's name
-            field = str(exc).split(":", 1)[0]
-            raise InvalidInput(f"objective.{exc}", f"objective.{field}") from None
+        except InvalidRewardObjective as exc:
+            raise InvalidInput(f"objective.{exc}", f"objective.{exc.field}") from None
         kind = "completion"  # rows {prompt, completion}: the completion is the reference answer
     else:
         kind, runtime_objective = "completion", CompletionObjective()
