@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from adapters_store import open_store
-from scheduler.coscheduler import CoSchedulerConfig
+from scheduler.coscheduler_config import CoSchedulerConfig
 from scheduler.engine.binding import EngineBinding
 from scheduler.engine.config import EngineConfig
 from scheduler.runtime import Runtime
