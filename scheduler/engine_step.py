@@ -21,7 +21,7 @@ from typing import Protocol
 
 from scheduler.aio import gather_or_cancel
 from scheduler.engine.binding import PROBE_PRIORITY, EngineBinding
-from scheduler.objectives import EncodedDataset
+from scheduler.objectives import BatchScore, EncodedDataset
 from scheduler.probe_eval import probe_batch_score
 from scheduler.rewards import EncodedReward
 from scheduler.sampling import batch_indices
@@ -78,6 +78,32 @@ async def score_round(
     for (j, _), scores in zip(jobs, results):
         per_slot[j].extend(scores)
     return per_slot
+
+
+async def score_batches(
+    binding: EngineBinding,
+    data: EncodedDataset | EncodedReward,
+    indices: Sequence[int],
+    sequences: Sequence,
+    slots: Sequence[int],
+    salts: Sequence[str],
+    priority: int,
+    gate: ChunkGate | None,
+) -> list[BatchScore]:
+    """The minibatch `indices` (whose sequences are `sequences`) under each slot's state, through the gate.
+
+    Scored data goes in as chunks (`score_round`); generated-then-matched data enters as one chunk, since
+    generation lengths are not known up front. Steps and evaluations both come here.
+    """
+    if isinstance(data, EncodedReward):
+        num_tokens = len(slots) * sum(len(seq.token_ids) for seq in sequences)
+        async with gate.admit(num_tokens) if gate is not None else contextlib.nullcontext():
+            return await gather_or_cancel(
+                probe_batch_score(binding, data, indices, sequences, slot, salt=salt, priority=priority)
+                for slot, salt in zip(slots, salts)
+            )
+    per_slot = await score_round(binding, sequences, slots, salts, priority, gate)
+    return [data.score_batch(indices, scores) for scores in per_slot]
 
 
 @dataclass(frozen=True)
@@ -167,16 +193,7 @@ async def run_engine_step(
         await binding.write_probes(key, step, seeds.as_tuple(), probes_to_wire(probes), round_slots)
         round_index = len(losses)
         salts = [f"{salt}:{step}:{round_index + j}" for j in range(len(round_slots))]
-        if isinstance(data, EncodedReward):  # generated, then matched: the round enters as one chunk
-            num_round_tokens = len(round_slots) * sum(len(seq.token_ids) for seq in sequences)
-            async with gate.admit(num_round_tokens) if gate is not None else contextlib.nullcontext():
-                results = await gather_or_cancel(
-                    probe_batch_score(binding, data, batch, sequences, slot, salt=salt_j, priority=priority)
-                    for slot, salt_j in zip(round_slots, salts)
-                )
-        else:
-            per_slot = await score_round(binding, sequences, round_slots, salts, priority, gate)
-            results = [data.score_batch(batch, scores) for scores in per_slot]
+        results = await score_batches(binding, data, batch, sequences, round_slots, salts, priority, gate)
         losses += tuple(result.loss for result in results)
         num_sequences += len(round_slots) * len(sequences)
     record = finish_step(method, seeds, losses, lr)

@@ -15,13 +15,12 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from scheduler.engine.binding import PROBE_PRIORITY
-from scheduler.engine_step import ChunkGate, run_engine_step, score_round
+from scheduler.engine_step import ChunkGate, run_engine_step, score_batches
 from scheduler.errors import InvalidJobSpec, NoCapacity
 from scheduler.job_artifacts import job_artifacts, method_and_wire
 from scheduler.job_journal import JobProgress
 from scheduler.jobs import EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric
-from scheduler.objectives import BatchScore, EncodedDataset
-from scheduler.probe_eval import probe_batch_score
+from scheduler.objectives import EncodedDataset
 from scheduler.rewards import EncodedReward, RewardObjective, words
 from scheduler.zo.methods import InvalidHyperParameter, hyper_items, parse_hyper
 
@@ -158,12 +157,7 @@ async def _score_eval(
         indices = list(range(start, min(len(data), start + EVAL_CHUNK)))
         sequences = data.sequences(indices)
         # Through the token gate like a step's chunks: an eval is probe work in the engine too.
-        if isinstance(data, EncodedReward):  # generated, then matched: the eval chunk enters whole
-            async with gate.admit(sum(len(seq.token_ids) for seq in sequences)):
-                batch: BatchScore = await probe_batch_score(binding, data, indices, sequences, slot, salt=salt)
-        else:
-            (scores,) = await score_round(binding, sequences, [slot], [salt], PROBE_PRIORITY, gate)
-            batch = data.score_batch(indices, scores)
+        (batch,) = await score_batches(binding, data, indices, sequences, [slot], [salt], PROBE_PRIORITY, gate)
         total_loss += batch.loss * batch.num_examples
         num_correct += batch.num_correct
         count += batch.num_examples
