@@ -355,7 +355,7 @@ async def sample_runtime(runtime, rows: list[dict], stop: asyncio.Event, interva
             "zo_waiting": stats.zo_waiting,
             "user_waiting": stats.user_waiting,
             "user_running": stats.user_running,
-            "probe_tokens_in_flight": record.num_probe_tokens_in_flight if record else None,
+            "probe_tokens_in_flight": runtime.coscheduler.snapshot().num_probe_tokens_in_flight,  # live, not the last round
             "budget_reason": record.budget_reason if record else None,
         })
         try:
