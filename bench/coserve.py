@@ -641,6 +641,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "coscheduler_chunk_tokens": args.chunk_tokens if args.chunk_tokens is not None else "service default",
             "coscheduler_min_chunks_in_flight": args.min_chunks if args.min_chunks is not None else "service default",
             "coscheduler_hold_chunks_while_users_wait": not args.no_hold,
+            "shm_busy_loop_s": "vllm default (1 s)" if args.shm_busy_loop_s is None else args.shm_busy_loop_s,
             "cpu_threads": args.cpu_threads if args.cpu_threads is not None else "service default (cores - 1)",
             "max_num_batched_tokens": engine.max_num_batched_tokens, "max_num_seqs": engine.max_num_seqs,
         },
@@ -654,6 +655,10 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             },
         },
     }
+
+
+def _busy_loop_arg(text: str) -> float | None:
+    return None if text == "vllm" else float(text)
 
 
 async def run(args) -> tuple[dict, Raw]:
@@ -670,6 +675,7 @@ async def run(args) -> tuple[dict, Raw]:
         **({"coscheduler_min_chunks_in_flight": args.min_chunks} if args.min_chunks is not None else {}),
         **({"cpu_threads": args.cpu_threads} if args.cpu_threads is not None else {}),
         coscheduler_hold_chunks_while_users_wait=not args.no_hold,
+        shm_busy_loop_s=args.shm_busy_loop_s,
     )
     started = time.time()
     # The benchmark starts the engine itself (as the tests do) so that engine arguments the service settings
@@ -737,6 +743,10 @@ def main() -> None:
         help="without --target-ttft-ms: set the co-scheduler target to this x the server-side p95 TTFT measured in the users-alone phase",
     )
     parser.add_argument("--cpu-threads", type=int, default=None, help="the engine's OpenMP threads (default: the service's, every core but one)")
+    parser.add_argument(
+        "--shm-busy-loop-s", type=_busy_loop_arg, default=0.0,
+        help="seconds vLLM's queue readers spin after a read ('vllm': vLLM's own 1 s; default 0, the service's)",
+    )
     parser.add_argument("--no-hold", action="store_true", help="let chunks enter while a user waits for its first token")
     parser.add_argument("--min-chunks", type=int, default=None, help="co-scheduler budget floor in chunks (default: the service's)")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="co-scheduler probe chunk size (default: the service's)")

@@ -51,6 +51,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_model_len=settings.max_model_len,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         num_cpu_threads=settings.cpu_threads or max(1, (os.cpu_count() or 1) - 1),
+        shm_busy_loop_s=settings.shm_busy_loop_s,
     )
 
 

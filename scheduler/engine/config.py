@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from scheduler.engine.vllm_plugin import BUSY_LOOP_ENV
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -19,6 +21,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     enable_prefix_caching: bool = True
     num_cpu_threads: int | None = None  # None: every core of the machine (CPU build only)
+    # How long vLLM's shared-memory queue readers (engine core, worker) spin after a read before sleeping on
+    # the writer's notification; None keeps vLLM's 1 s. 0: never spin (see scheduler/engine/vllm_plugin.py).
+    shm_busy_loop_s: float | None = 0.0
     seed: int = 0
 
     def apply_process_env(self) -> None:
@@ -29,6 +34,10 @@ class EngineConfig:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{num_threads - 1}")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if self.shm_busy_loop_s is None:
+            os.environ.pop(BUSY_LOOP_ENV, None)
+        else:
+            os.environ[BUSY_LOOP_ENV] = repr(float(self.shm_busy_loop_s))
 
     def engine_kwargs(self) -> dict:
         return dict(
