@@ -2,14 +2,20 @@
 
 vLLM's multiprocess executor passes each scheduler step to the worker, and the worker's result back, over a
 shared-memory ring (`shm_broadcast.MessageQueue`). A reader that read within the last `busy_loop_s` (vLLM: 1 s)
-spins on the ring with `sched_yield()` instead of sleeping on the writer's socket notification. On a machine
-with a few cores that spin is not free: while the worker runs a forward, the engine-core process spins for the
-whole forward (measured: ~60 % of one of two cores, `results/coserve.md`), taking CPU from the API server that
-tokenises, detokenises and streams user requests. The writer notifies the socket on every write, so a reader
-that never spins still wakes on each message, a socket wake-up later (tens of µs against forwards of ms).
+spins on the ring with `sched_yield()`; after that it sleeps on the writer's socket notification, for up to 5 s
+a time. On a machine with a few cores that spin is not free: the worker spins for a second after every step,
+and the engine core through every forward, on the core the API server needs to tokenise, detokenise and stream
+user requests (measured: ~60 % of one of two cores, `results/coserve.md`).
+
+The notification alone cannot replace the spin: it can be lost (the writer's socket keeps one message and
+drops the rest, the reader's keeps only the last), and vLLM then waits out its 5 s re-check. Measured: with
+`busy_loop_s` = 0 a ping-pong over two queues stalls for seconds within a few hundred messages. So past the
+busy loop this plugin sleeps on the notification for at most `IDLE_POLL_MS` at a time and then looks at the
+ring again: a lost notification costs at most that long, and an idle reader wakes ~1,000 times a second
+(a few % of a core) instead of spinning.
 
 `ZOSERVE_SHM_BUSY_LOOP_S` (set by `EngineConfig.apply_process_env` before the engine spawns its processes)
-overrides `busy_loop_s` for every reader created after this plugin runs; unset leaves vLLM's default. The
+sets `busy_loop_s` for every reader and turns the bounded sleep on; unset leaves vLLM exactly as it is. The
 plugin is registered under the entry-point group `vllm.general_plugins` in `pyproject.toml`; vLLM loads it in
 each process before it creates the queues.
 """
@@ -18,9 +24,11 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 BUSY_LOOP_ENV = "ZOSERVE_SHM_BUSY_LOOP_S"
 _PATCHED_MARK = "_zoserve_busy_loop_patched"
+IDLE_POLL_MS = 1  # longest sleep on the notification before the reader looks at the ring again
 
 
 def busy_loop_override() -> float | None:
@@ -39,7 +47,9 @@ def register() -> None:
     override = busy_loop_override()
     if override is None:
         return
+    import zmq
     from vllm.distributed.device_communicators import shm_broadcast
+    from vllm.distributed.utils import sched_yield
 
     condition = shm_broadcast.SpinCondition
     if getattr(condition, _PATCHED_MARK, False):
@@ -50,5 +60,16 @@ def register() -> None:
     def init_with_busy_loop(self, is_reader, context, notify_address, busy_loop_s: float = 1):
         original_init(self, is_reader, context, notify_address, busy_loop_s=override if is_reader else busy_loop_s)
 
+    def wait_in_slices(self, timeout_ms: int | None = None) -> None:
+        # Same contract as SpinCondition.wait: return when the caller should look at the ring again.
+        if time.monotonic() <= self.last_read + self.busy_loop_s:
+            sched_yield()
+            return
+        slice_ms = IDLE_POLL_MS if timeout_ms is None else max(0, min(timeout_ms, IDLE_POLL_MS))
+        events = dict(self.poller.poll(timeout=slice_ms))
+        if self.local_notify_socket in events:
+            self.local_notify_socket.recv(flags=zmq.NOBLOCK, copy=False)
+
     condition.__init__ = init_with_busy_loop
+    condition.wait = wait_in_slices
     setattr(condition, _PATCHED_MARK, True)
