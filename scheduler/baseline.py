@@ -8,7 +8,9 @@ step loop runs (`next_probes` → score each probe state → `finish_step` → `
 against). To be a fair baseline rather than a strawman the forward computes log-probs only where the
 objective needs them (the LM head runs on the gathered hidden states, not on every position) and uses every
 CPU thread. All three share the seeds, minibatch order, scoring sequences and loss reduction with the engine
-path (and the ZO loops its update arithmetic), so they differ from it only in the forward pass.
+path (and the ZO loops its update arithmetic), so they differ from it only in the forward pass. The two ZO
+loops also take the reward objective's data: each probe state then greedy-generates one unpadded sequence per
+example (`scheduler.baseline_reward`, vLLM's decoding rules) and `EncodedReward.reward_batch` gives the loss.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from scheduler.baseline_reward import eos_token_ids, greedy_generations
 from scheduler.engine_step import StepOutcome, step_outcome
-from scheduler.objectives import EncodedClassification, EncodedDataset
+from scheduler.objectives import BatchScore, EncodedClassification, EncodedDataset
+from scheduler.rewards import EncodedReward
 from scheduler.sampling import batch_indices
 from scheduler.scoring import ScoringSequence, SequenceScores
 from scheduler.zo import mezo
@@ -83,6 +87,7 @@ class PeftLora:
             param.data.copy_(theta0[spec.name])
             self.params[spec.name] = param
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
 
     def load(self, theta: dict[str, torch.Tensor]) -> None:
         """Copy a whole adapter state into the PEFT parameters (exact: no arithmetic)."""
@@ -134,6 +139,18 @@ class PeftLora:
                 cursor += len(targets)
         return results
 
+    def generate(self, data: EncodedReward, indices: Sequence[int]) -> list[str]:
+        """The greedy generation for each example of `indices`, as the engine's `greedy_generations` returns it."""
+        return greedy_generations(self.model, self.tokenizer.backend_tokenizer, data, indices, self.eos_ids)
+
+    def batch_score(
+        self, data: EncodedDataset | EncodedReward, indices: Sequence[int], sequences: Sequence[ScoringSequence]
+    ) -> BatchScore:
+        """The minibatch under the current parameters: scored, or generated and matched (`probe_batch_score`)."""
+        if isinstance(data, EncodedReward):
+            return data.reward_batch(indices, self.generate(data, indices))
+        return data.score_batch(indices, self.score(sequences))
+
 
 # ----------------------------------------------------------------------------------------------- MeZO
 class BaselineMezoTrainer:
@@ -156,7 +173,7 @@ class BaselineMezoTrainer:
             param.add_(z.to(param.dtype), alpha=scale)
 
     def step(
-        self, data: EncodedDataset, hyper: mezo.MezoHyper, *, job_seed: int, step: int, batch_size: int
+        self, data: EncodedDataset | EncodedReward, hyper: mezo.MezoHyper, *, job_seed: int, step: int, batch_size: int
     ) -> StepOutcome:
         started = time.perf_counter()
         batch = batch_indices(job_seed, step, batch_size, len(data))
@@ -165,9 +182,9 @@ class BaselineMezoTrainer:
         losses_plus, losses_minus = [], []
         for seed in seeds:
             self._perturb(seed, +hyper.eps)
-            losses_plus.append(data.score_batch(batch, self.score(sequences)).loss)
+            losses_plus.append(self.lora.batch_score(data, batch, sequences).loss)
             self._perturb(seed, -2 * hyper.eps)
-            losses_minus.append(data.score_batch(batch, self.score(sequences)).loss)
+            losses_minus.append(self.lora.batch_score(data, batch, sequences).loss)
             self._perturb(seed, +hyper.eps)
         grads = mezo.projected_gradients(losses_plus, losses_minus, hyper.eps)
         coeffs = mezo.update_coefficients(grads)
@@ -221,7 +238,7 @@ class BaselineZoTrainer:
         self.train_state: TrainState = init_state(method, layout, theta0)
 
     def _round_losses(
-        self, data: EncodedDataset, batch: list[int], seeds: StepSeeds, probes: Sequence[Probe]
+        self, data: EncodedDataset | EncodedReward, batch: list[int], seeds: StepSeeds, probes: Sequence[Probe]
     ) -> tuple[float, ...]:
         sequences = data.sequences(batch)
         theta = self.train_state.theta
@@ -237,16 +254,18 @@ class BaselineZoTrainer:
                 with torch.no_grad():
                     for name, param in self.lora.params.items():
                         param.add_(directions[name][index].to(param.dtype), alpha=scale)
-                losses.append(data.score_batch(batch, self.lora.score(sequences)).loss)
+                losses.append(self.lora.batch_score(data, batch, sequences).loss)
                 self.lora.load(base)
         else:
             for state in materialise_probes(theta, self.layout, self.method.perturbation, seeds, probes):
                 self.lora.load(state)
-                losses.append(data.score_batch(batch, self.lora.score(sequences)).loss)
+                losses.append(self.lora.batch_score(data, batch, sequences).loss)
             self.lora.load(theta)
         return tuple(losses)
 
-    def step(self, data: EncodedDataset, lr: float, *, job_seed: int, step: int, batch_size: int) -> StepOutcome:
+    def step(
+        self, data: EncodedDataset | EncodedReward, lr: float, *, job_seed: int, step: int, batch_size: int
+    ) -> StepOutcome:
         started = time.perf_counter()
         method = self.method
         batch = batch_indices(job_seed, step, batch_size, len(data))
