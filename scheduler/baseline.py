@@ -279,8 +279,8 @@ class BaselineZoTrainer:
         apply_record(method, self.train_state, self.layout, record)
         self.lora.load(self.train_state.theta)
         return step_outcome(
-            method, step=step, seeds=seeds, batch=batch, sequences=data.sequences(batch), losses=losses,
-            record=record, num_sequences=num_sequences, started=started,
+            method, step=step, seeds=seeds, batch=batch, data=data, sequences=data.sequences(batch),
+            losses=losses, record=record, num_sequences=num_sequences, started=started,
         )
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

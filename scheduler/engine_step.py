@@ -80,6 +80,13 @@ async def score_round(
     return per_slot
 
 
+def work_tokens(data: EncodedDataset | EncodedReward, sequences: Sequence) -> int:
+    """Engine tokens of one pass over `sequences`: the prompts, plus for generated-then-matched data the tokens
+    each sequence may generate (its `max_new_tokens`: an upper bound, the unit the budget and shares count)."""
+    generated = data.max_new_tokens * len(sequences) if isinstance(data, EncodedReward) else 0
+    return sum(len(seq.token_ids) for seq in sequences) + generated
+
+
 async def score_batches(
     binding: EngineBinding,
     data: EncodedDataset | EncodedReward,
@@ -96,7 +103,7 @@ async def score_batches(
     generation lengths are not known up front. Steps and evaluations both come here.
     """
     if isinstance(data, EncodedReward):
-        num_tokens = len(slots) * sum(len(seq.token_ids) for seq in sequences)
+        num_tokens = len(slots) * work_tokens(data, sequences)
         async with gate.admit(num_tokens) if gate is not None else contextlib.nullcontext():
             return await gather_or_cancel(
                 probe_batch_score(binding, data, indices, sequences, slot, salt=salt, priority=priority)
@@ -131,6 +138,7 @@ def step_outcome(
     step: int,
     seeds: StepSeeds,
     batch: Sequence[int],
+    data: EncodedDataset | EncodedReward,
     sequences: Sequence,
     losses: tuple[float, ...],
     record: StepRecord,
@@ -139,7 +147,7 @@ def step_outcome(
 ) -> StepOutcome:
     """The outcome record of a finished step; the engine path and the baseline loop report alike."""
     pairs = two_point_losses(losses, method)
-    tokens_per_group = sum(len(s.token_ids) for s in sequences)
+    tokens_per_group = work_tokens(data, sequences)
     return StepOutcome(
         step=step,
         seeds=seeds.as_tuple(),
@@ -199,6 +207,6 @@ async def run_engine_step(
     record = finish_step(method, seeds, losses, lr)
     await binding.apply_step(key, step, seeds.as_tuple(), record.coeffs, record.lr)
     return step_outcome(
-        method, step=step, seeds=seeds, batch=batch, sequences=sequences, losses=losses, record=record,
-        num_sequences=num_sequences, started=started,
+        method, step=step, seeds=seeds, batch=batch, data=data, sequences=sequences, losses=losses,
+        record=record, num_sequences=num_sequences, started=started,
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from scheduler.engine.binding import PROBE_PRIORITY
-from scheduler.engine_step import ChunkGate, run_engine_step, score_batches
+from scheduler.engine_step import ChunkGate, run_engine_step, score_batches, work_tokens
 from scheduler.errors import InvalidJobSpec, NoCapacity
 from scheduler.job_artifacts import job_artifacts, method_and_wire
 from scheduler.job_journal import JobProgress
@@ -133,10 +133,10 @@ def probe_slots_needed(spec: JobSpec) -> int:
     return 2 * q + 1 if spec.method == "zo-sgd-cons" else 2 * q
 
 
-def step_tokens(data: EncodedDataset, batch_size: int, num_probes: int) -> int:
-    """Scoring tokens one step submits (the planner's unit of work), estimated from the first examples."""
+def step_tokens(data: EncodedDataset | EncodedReward, batch_size: int, num_probes: int) -> int:
+    """Engine tokens one step submits (the planner's unit of work), estimated from the first examples."""
     sample = data.sequences(range(min(len(data), 256)))
-    per_example = sum(len(seq.token_ids) for seq in sample) / max(1, min(len(data), 256))
+    per_example = work_tokens(data, sample) / max(1, min(len(data), 256))
     return max(1, round(per_example * batch_size * num_probes))
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
 from scheduler.adapter_host import SlotPool
 from scheduler.coscheduler import CoScheduler, CoSchedulerConfig
-from scheduler.engine_step import chunked, score_round
+from scheduler.engine.binding import GenerationChunk
+from scheduler.engine_step import chunked, score_batches, score_round, work_tokens
+from scheduler.rewards import EncodedReward
 from scheduler.scoring import ScoringSequence
 
 
@@ -80,3 +83,32 @@ async def test_a_failing_chunk_cancels_its_siblings_before_the_step_ends():
         assert snap.num_probe_tokens_in_flight == 0 and snap.num_chunks_waiting == 0
 
     await _with_coscheduler(body)
+
+
+class _RecordingGate:
+    chunk_tokens = 1000
+
+    def __init__(self):
+        self.admitted: list[int] = []
+
+    def admit(self, num_tokens: int):
+        self.admitted.append(num_tokens)
+        return contextlib.nullcontext()
+
+
+class _EchoGenerator:
+    """Generates the reference answer "great" for every prompt."""
+
+    async def generate(self, prompt_ids, *, max_tokens, **_):
+        yield GenerationChunk((7,), " great", True, "stop", len(prompt_ids))
+
+
+async def test_reward_rounds_count_the_tokens_they_may_generate():
+    data = EncodedReward(prompts=((1, 2, 3), (4, 5)), references=(("great",), ("great",)), match="contains", max_new_tokens=4)
+    indices = [0, 1]
+    sequences = data.sequences(indices)
+    assert work_tokens(data, sequences) == (3 + 4) + (2 + 4)
+    gate = _RecordingGate()
+    results = await score_batches(_EchoGenerator(), data, indices, sequences, [1, 2], ["a", "b"], 1, gate)
+    assert [r.loss for r in results] == [0.0, 0.0]
+    assert gate.admitted == [2 * 13]  # both probe slots' prompts and their generation budgets
