@@ -23,21 +23,84 @@ def _squeeze(weights: torch.Tensor) -> torch.Tensor:
     return weights.squeeze(1) if weights.dim() == 4 else weights  # [L, out, in]
 
 
-def _groups(indices: torch.Tensor):
-    """(adapter index, token rows) for each adapter present; tokens with index < 0 are skipped."""
-    for index in torch.unique(indices).tolist():
-        if index >= 0:
-            yield index, (indices == index).nonzero(as_tuple=True)[0]
+class _Groups:
+    """The token rows of each adapter in one index vector, worked out once per forward.
+
+    Every LoRA layer of a forward gets the same token → adapter indices, so the grouping (a `unique` and one
+    `nonzero` per adapter) is cached against a copy of the last index vector; one `torch.equal` per call
+    decides whether it still holds. An adapter's rows are almost always one contiguous run (a request's
+    tokens are consecutive, and the probe requests of a slot go in together): such a group is a slice, read
+    and written as a view, with no gather or scatter.
+    """
+
+    def __init__(self) -> None:
+        self._key: torch.Tensor | None = None
+        self._groups: list[tuple[int, slice | torch.Tensor]] = []
+
+    def of(self, indices: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
+        key = self._key
+        if key is None or key.shape != indices.shape or not torch.equal(key, indices):
+            self._groups = list(self._compute(indices))
+            self._key = indices.clone()
+        return self._groups
+
+    @staticmethod
+    def _compute(indices: torch.Tensor):
+        for index in torch.unique(indices).tolist():
+            if index < 0:
+                continue
+            rows = (indices == index).nonzero(as_tuple=True)[0]
+            first, last = int(rows[0]), int(rows[-1])
+            yield index, (slice(first, last + 1) if last - first + 1 == rows.numel() else rows)
+
+
+_GROUPS = _Groups()
+
+# Up to this many tokens (decode steps of a few user requests), one gathered weight per token and a batched
+# matrix-vector product cost less than a GEMM per adapter (measured on 2 cores: 12 tokens over 12 adapters,
+# 0.18 ms per shrink+expand pair gathered vs 0.45 ms grouped).
+GATHER_MAX_TOKENS = 32
+
+
+def _per_token(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """inputs[t] @ weights[index of t].T for each token t, zero where index < 0. [T, out]"""
+    w = weights.index_select(0, indices.clamp(min=0))  # [T, out, in]
+    products = torch.bmm(w, inputs.unsqueeze(-1).to(w.dtype)).squeeze(-1)  # [T, out]
+    return products.masked_fill_((indices < 0).unsqueeze(-1), 0.0)
+
+
+def _groups(indices: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
+    """(adapter index, token rows as a slice or an index tensor) for each adapter present; index < 0 skipped."""
+    return _GROUPS.of(indices)
 
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
     weights = _squeeze(lora_a_weights)  # [L, r, in]
     rank = weights.shape[1]
     inputs = inputs.to(output_tensor.dtype)  # [T, in]
+    if inputs.shape[0] <= GATHER_MAX_TOKENS:
+        output_tensor[:, :rank] = scaling * _per_token(inputs, weights, lora_indices_tensor)
+        return
     output_tensor[:, :rank] = 0
     for index, rows in _groups(lora_indices_tensor):
         w = weights[index].to(output_tensor.dtype)  # [r, in]
-        output_tensor[rows, :rank] = scaling * (inputs[rows] @ w.T)  # [n, r]
+        if isinstance(rows, slice):
+            output_tensor[rows, :rank].addmm_(inputs[rows], w.T, beta=0.0, alpha=scaling)  # [n, r], in place
+        else:
+            output_tensor[rows, :rank] = scaling * (inputs[rows] @ w.T)
+
+
+def _add_products(target: torch.Tensor, inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
+    """target[t] += inputs[t] @ weights[index of t].T for every token t with an adapter."""
+    if target.shape[0] <= GATHER_MAX_TOKENS:
+        target += _per_token(inputs[: target.shape[0]], weights, indices[: target.shape[0]]).to(target.dtype)
+        return
+    for index, rows in _groups(indices):
+        w = weights[index].to(target.dtype)  # [out, r]
+        if isinstance(rows, slice):
+            target[rows].addmm_(inputs[rows], w.T)  # a view: in place
+        else:
+            target[rows] += inputs[rows] @ w.T
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
@@ -47,9 +110,7 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
     if not add_inputs:
         output_tensor[:, :common] = 0
     limit = output_tensor.shape[0]
-    for index, rows in _groups(lora_indices_tensor[:limit]):
-        w = weights[index, :common].to(output_tensor.dtype)  # [common, r]
-        output_tensor[rows, :common] += inputs[rows] @ w.T  # [n, common]
+    _add_products(output_tensor[:, :common], inputs, weights[:, :common], lora_indices_tensor[:limit])
 
 
 def bgmv_expand_slice(
@@ -60,9 +121,7 @@ def bgmv_expand_slice(
     target = output_tensor[:, slice_offset : slice_offset + slice_size]  # view
     if not add_inputs:
         target.zero_()
-    for index, rows in _groups(lora_indices_tensor):
-        w = weights[index].to(output_tensor.dtype)  # [slice_size, r]
-        target[rows] += inputs[rows] @ w.T
+    _add_products(target, inputs, weights, lora_indices_tensor)
 
 
 def _token_indices(lora_indices_tensor, seq_len_tensor):
@@ -119,13 +178,19 @@ def _agrees_with_stock(stock) -> bool:
         ("sgmv_expand_slice", lambda f, out: f(h, b, out, *meta, 3, d_out, True), base),
         ("bgmv_expand_slice", lambda f, out: f(h, b, out, token_loras, 3, d_out, True), base),
     ]
-    for name, call, initial in cases:
-        expected, actual = initial.clone(), initial.clone()
-        call(getattr(stock, name), expected)
-        call(_REPLACEMENTS[name], actual)
-        if not torch.allclose(expected, actual, rtol=1e-5, atol=1e-5):
-            log.warning("grouped LoRA op %s disagrees with vLLM's; keeping the stock CPU ops", name)
-            return False
+    global GATHER_MAX_TOKENS
+    gather_max_tokens = GATHER_MAX_TOKENS
+    try:
+        for GATHER_MAX_TOKENS in (tokens, 0):  # both paths: gathered per token, grouped by adapter
+            for name, call, initial in cases:
+                expected, actual = initial.clone(), initial.clone()
+                call(getattr(stock, name), expected)
+                call(_REPLACEMENTS[name], actual)
+                if not torch.allclose(expected, actual, rtol=1e-5, atol=1e-5):
+                    log.warning("grouped LoRA op %s disagrees with vLLM's; keeping the stock CPU ops", name)
+                    return False
+    finally:
+        GATHER_MAX_TOKENS = gather_max_tokens
     return True
 
 

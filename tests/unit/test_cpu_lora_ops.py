@@ -1,5 +1,6 @@
 """Grouped CPU LoRA ops equal vLLM's per-token ops, and give adapter-less tokens no LoRA contribution."""
 
+import pytest
 import torch
 
 from scheduler.engine import cpu_lora_ops
@@ -11,7 +12,9 @@ def test_grouped_ops_match_vllm_stock_ops():
     assert cpu_lora_ops._agrees_with_stock(stock)
 
 
-def test_tokens_without_adapter_get_nothing():
+@pytest.mark.parametrize("gather_max_tokens", [0, 32], ids=["grouped", "gathered"])
+def test_tokens_without_adapter_get_nothing(monkeypatch, gather_max_tokens):
+    monkeypatch.setattr(cpu_lora_ops, "GATHER_MAX_TOKENS", gather_max_tokens)
     g = torch.Generator().manual_seed(1)
     a = torch.randn(2, 1, 4, 6, generator=g)  # [L, 1, r, in]
     x = torch.randn(5, 6, generator=g)
@@ -27,3 +30,44 @@ def test_tokens_without_adapter_get_nothing():
     cpu_lora_ops.bgmv_expand(out, b, expanded, indices, True)
     assert torch.equal(expanded[2], base[2]) and torch.equal(expanded[4], base[4])
     assert torch.allclose(expanded[0], base[0] + out[0] @ b[1, 0].T)
+
+
+def _stock_shrink(x, a, indices, scaling):
+    """The per-token definition, with index −1 giving zero (what the grouped ops promise)."""
+    out = torch.zeros(x.shape[0], a.shape[2])
+    for t, index in enumerate(indices.tolist()):
+        if index >= 0:
+            out[t] = scaling * x[t] @ a[index, 0].T
+    return out
+
+
+@pytest.mark.parametrize("gather_max_tokens", [0, 32], ids=["grouped", "gathered"])
+def test_grouping_cache_follows_every_change_of_the_indices(monkeypatch, gather_max_tokens):
+    """Both paths (8 tokens: gathered per token by default, grouped by adapter with the threshold at 0).
+    The grouping is cached across calls (one per LoRA layer of a forward): a new forward's indices, written
+    in place into the same buffer as vLLM does, or a different tensor, must never reuse a stale grouping."""
+    monkeypatch.setattr(cpu_lora_ops, "GATHER_MAX_TOKENS", gather_max_tokens)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(3, 1, 4, 6, generator=g)
+    x = torch.randn(8, 6, generator=g)
+    buffer = torch.tensor([0, 0, 0, 1, 1, 2, 2, -1])  # contiguous runs: slices
+    cases = [
+        buffer,
+        buffer.copy_(torch.tensor([2, 2, 1, 1, 1, 0, 0, 0])),  # same storage, new contents (next forward)
+        torch.tensor([1, 0, 1, 2, 0, -1, 1, 2]),  # interleaved: index tensors, not slices
+        torch.tensor([1, 0, 1, 2, 0, -1, 1, 2]),  # equal contents, another tensor: the cached grouping holds
+        torch.full((8,), -1),  # no adapter at all
+    ]
+    for indices in cases:
+        out = torch.full((8, 4), 5.0)
+        cpu_lora_ops.bgmv_shrink(x, a, out, indices, 0.5)
+        assert torch.allclose(out, _stock_shrink(x, a, indices, 0.5), atol=1e-6), indices
+        base = torch.randn(8, 3, generator=g)
+        b = torch.randn(3, 1, 3, 4, generator=g)
+        expanded = base.clone()
+        cpu_lora_ops.bgmv_expand(out, b, expanded, indices, True)
+        expected = base.clone()
+        for t, index in enumerate(indices.tolist()):
+            if index >= 0:
+                expected[t] += out[t] @ b[index, 0].T
+        assert torch.allclose(expanded, expected, atol=1e-6), indices
