@@ -99,7 +99,7 @@ def test_reader_sleeps_instead_of_spinning_and_still_gets_every_message():
     # vLLM's reader spins through the whole 0.6 s wait (a busy machine gives the spinning thread less of a
     # core: 0.25 s was seen next to a training run); ours sleeps on the socket until the write.
     assert spinning["wait_cpu_s"] > 0.15, spinning
-    assert quiet["wait_cpu_s"] < 0.05, quiet
+    assert quiet["wait_cpu_s"] < 0.08, quiet  # 1 ms poll slices: ~600 wake-ups
     assert spinning["wait_cpu_s"] > 5 * quiet["wait_cpu_s"], (quiet, spinning)
 
 
