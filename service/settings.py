@@ -53,8 +53,8 @@ class Settings(BaseSettings):
     # input/output processing, the step loops); on 2 cores that doubled user capacity and halved TTFT.
     cpu_threads: int | None = Field(None, ge=1)
     # Seconds vLLM's engine-core and worker processes spin on their shared-memory queue after each read
-    # (vLLM's own default is 1 s; None keeps it). 0 sleeps on the queue's socket instead: the engine core
-    # otherwise spins through every forward, on a core the API server needs.
+    # (vLLM's own default is 1 s; None keeps it). 0 never spins: they sleep on the queue in 1 ms slices; the
+    # engine core otherwise spins through every forward, on a core the API server needs.
     shm_busy_loop_s: float | None = Field(0.0, ge=0)
     data_dir: Path = Path(".zoserve")
     redis_url: str | None = None

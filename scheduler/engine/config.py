@@ -22,7 +22,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_cpu_threads: int | None = None  # None: every core of the machine (CPU build only)
     # How long vLLM's shared-memory queue readers (engine core, worker) spin after a read before sleeping on
-    # the writer's notification; None keeps vLLM's 1 s. 0: never spin (see scheduler/engine/vllm_plugin.py).
+    # the writer's notification (in 1 ms slices); None keeps vLLM's 1 s. 0: never spin (engine/vllm_plugin.py).
     shm_busy_loop_s: float | None = 0.0
     seed: int = 0
 

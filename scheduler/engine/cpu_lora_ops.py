@@ -69,38 +69,27 @@ def _per_token(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     return products.masked_fill_((indices < 0).unsqueeze(-1), 0.0)
 
 
-def _groups(indices: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
-    """(adapter index, token rows as a slice or an index tensor) for each adapter present; index < 0 skipped."""
-    return _GROUPS.of(indices)
-
-
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
     weights = _squeeze(lora_a_weights)  # [L, r, in]
     rank = weights.shape[1]
-    inputs = inputs.to(output_tensor.dtype)  # [T, in]
-    if inputs.shape[0] <= GATHER_MAX_TOKENS:
-        output_tensor[:, :rank] = scaling * _per_token(inputs, weights, lora_indices_tensor)
-        return
     output_tensor[:, :rank] = 0
-    for index, rows in _groups(lora_indices_tensor):
-        w = weights[index].to(output_tensor.dtype)  # [r, in]
-        if isinstance(rows, slice):
-            output_tensor[rows, :rank].addmm_(inputs[rows], w.T, beta=0.0, alpha=scaling)  # [n, r], in place
-        else:
-            output_tensor[rows, :rank] = scaling * (inputs[rows] @ w.T)
+    _add_products(output_tensor[:, :rank], inputs.to(output_tensor.dtype), weights, lora_indices_tensor, scaling)
 
 
-def _add_products(target: torch.Tensor, inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
-    """target[t] += inputs[t] @ weights[index of t].T for every token t with an adapter."""
-    if target.shape[0] <= GATHER_MAX_TOKENS:
-        target += _per_token(inputs[: target.shape[0]], weights, indices[: target.shape[0]]).to(target.dtype)
+def _add_products(
+    target: torch.Tensor, inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, alpha: float = 1.0
+) -> None:
+    """target[t] += alpha · inputs[t] @ weights[index of t].T for every token t with an adapter."""
+    num_tokens = target.shape[0]
+    if num_tokens <= GATHER_MAX_TOKENS:
+        target.add_(_per_token(inputs[:num_tokens], weights, indices[:num_tokens]).to(target.dtype), alpha=alpha)
         return
-    for index, rows in _groups(indices):
-        w = weights[index].to(target.dtype)  # [out, r]
+    for index, rows in _GROUPS.of(indices):
+        w = weights[index].to(target.dtype)  # [out, in]
         if isinstance(rows, slice):
-            target[rows].addmm_(inputs[rows], w.T)  # a view: in place
+            target[rows].addmm_(inputs[rows], w.T, alpha=alpha)  # a view: in place
         else:
-            target[rows] += inputs[rows] @ w.T
+            target[rows] += alpha * (inputs[rows] @ w.T)
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
