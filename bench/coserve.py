@@ -643,6 +643,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "coscheduler_hold_chunks_while_users_wait": not args.no_hold,
             "shm_busy_loop_s": "vllm default (1 s)" if args.shm_busy_loop_s is None else args.shm_busy_loop_s,
             "cpu_threads": args.cpu_threads if args.cpu_threads is not None else "service default (cores - 1)",
+            "step_gate": engine.step_gate.to_dict() if engine.step_gate else "off (vLLM's scheduler)",
             "max_num_batched_tokens": engine.max_num_batched_tokens, "max_num_seqs": engine.max_num_seqs,
         },
         "calibration": raw.calibration,
@@ -655,6 +656,10 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             },
         },
     }
+
+
+def _gate_arg(text: str) -> int | None:
+    return None if text == "off" else int(text)
 
 
 def _busy_loop_arg(text: str) -> float | None:
@@ -676,6 +681,9 @@ async def run(args) -> tuple[dict, Raw]:
         **({"cpu_threads": args.cpu_threads} if args.cpu_threads is not None else {}),
         coscheduler_hold_chunks_while_users_wait=not args.no_hold,
         shm_busy_loop_s=args.shm_busy_loop_s,
+        step_gate_tokens_with_users=args.step_gate_tokens,
+        **({"step_gate_tokens_with_user_prefill": args.step_gate_prefill_tokens}
+           if args.step_gate_prefill_tokens is not None else {}),
     )
     started = time.time()
     # The benchmark starts the engine itself (as the tests do) so that engine arguments the service settings
@@ -750,6 +758,12 @@ def main() -> None:
     parser.add_argument("--no-hold", action="store_true", help="let chunks enter while a user waits for its first token")
     parser.add_argument("--min-chunks", type=int, default=None, help="co-scheduler budget floor in chunks (default: the service's)")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="co-scheduler probe chunk size (default: the service's)")
+    parser.add_argument(
+        "--step-gate-tokens", type=_gate_arg, default=Settings().step_gate_tokens_with_users,
+        help="probe tokens per engine step while users are present, or 'off' for vLLM's own scheduler",
+    )
+    parser.add_argument("--step-gate-prefill-tokens", type=int, default=None,
+                        help="probe tokens in a step that carries a user's prefill (default: the service's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's per-step token budget (default: the service's)")
     parser.add_argument("--rolling-window-s", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse
 from adapters_store import open_store
 from scheduler.coscheduler_config import CoSchedulerConfig
 from scheduler.engine.binding import EngineBinding
-from scheduler.engine.config import EngineConfig
+from scheduler.engine.config import PROBE_PRIORITY, EngineConfig
+from scheduler.planning.step_gate import StepGateConfig
 from scheduler.runtime import Runtime
 from service import telemetry
 from service.adapters.router import router as adapters_router
@@ -52,6 +53,18 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         num_cpu_threads=settings.cpu_threads or max(1, (os.cpu_count() or 1) - 1),
         shm_busy_loop_s=settings.shm_busy_loop_s,
+        step_gate=step_gate_config(settings),
+    )
+
+
+def step_gate_config(settings: Settings) -> StepGateConfig | None:
+    if settings.step_gate_tokens_with_users is None:
+        return None
+    return StepGateConfig(
+        probe_priority=PROBE_PRIORITY,
+        tokens_with_users=settings.step_gate_tokens_with_users,
+        tokens_with_user_prefill=settings.step_gate_tokens_with_user_prefill,
+        user_memory_s=settings.step_gate_user_memory_s,
     )
 
 

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     # (vLLM's own default is 1 s; None keeps it). 0 never spins: they sleep on the queue in 1 ms slices; the
     # engine core otherwise spins through every forward, on a core the API server needs.
     shm_busy_loop_s: float | None = Field(0.0, ge=0)
+    # Probe tokens one engine step may take while users are present (vLLM's scheduler holds the rest back
+    # for a later step; planning/step_gate.py). None: no per-step gate, probes fill each forward up to
+    # max_num_batched_tokens. The prefill figure applies to steps that carry a user's first forward.
+    step_gate_tokens_with_users: int | None = Field(256, ge=0)
+    step_gate_tokens_with_user_prefill: int = Field(0, ge=0)
+    step_gate_user_memory_s: float = Field(2.0, ge=0)
     data_dir: Path = Path(".zoserve")
     redis_url: str | None = None
     # Full adapter snapshot every N committed versions (replay covers the ones between).

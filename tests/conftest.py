@@ -43,12 +43,17 @@ def llama_model_dir() -> str:
 
 @pytest.fixture(scope="session")
 async def engine(opt_model_dir, tmp_path_factory):
-    """The session's engine binding (tiny OPT, fp32, 10 slots: 9 pinned + 1 for PEFT-dir loads). Tests must drop the states they create."""
+    """The session's engine binding (tiny OPT, fp32, 10 slots: 9 pinned + 1 for PEFT-dir loads). Tests must drop the states they create.
+
+    It runs vLLM's scheduler behind the per-step probe gate, as the service does, so every engine test goes
+    through it."""
     from scheduler.engine.binding import EngineBinding
-    from scheduler.engine.config import EngineConfig
+    from scheduler.engine.config import PROBE_PRIORITY, EngineConfig
+    from scheduler.planning.step_gate import StepGateConfig
 
     binding = await EngineBinding.start(
-        EngineConfig(model=opt_model_dir, num_slots=10), tmp_path_factory.mktemp("engine")
+        EngineConfig(model=opt_model_dir, num_slots=10, step_gate=StepGateConfig(probe_priority=PROBE_PRIORITY)),
+        tmp_path_factory.mktemp("engine"),
     )
     yield binding
     binding.shutdown()

@@ -6,6 +6,15 @@ import os
 from dataclasses import dataclass
 
 from scheduler.engine.vllm_plugin import BUSY_LOOP_ENV
+from scheduler.planning.step_gate import StepGateConfig
+
+# vLLM's scheduler with the per-step probe gate (engine/step_gate_scheduler.py) and the key of its settings in
+# vLLM's `additional_config`; named here so that building engine arguments does not import vLLM.
+STEP_GATE_SCHEDULER_CLS = "scheduler.engine.step_gate_scheduler.StepGateScheduler"
+STEP_GATE_CONFIG_KEY = "zoserve_step_gate"
+
+USER_PRIORITY = 0  # vLLM runs lower values first
+PROBE_PRIORITY = 10  # the step gate treats this priority and worse ones as probes
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,9 @@ class EngineConfig:
     # How long vLLM's shared-memory queue readers (engine core, worker) spin after a read before sleeping on
     # the writer's notification (in 1 ms slices); None keeps vLLM's 1 s. 0: never spin (engine/vllm_plugin.py).
     shm_busy_loop_s: float | None = 0.0
+    # How many queued probe tokens each engine step may take next to users (planning/step_gate.py); None:
+    # vLLM's scheduler unchanged, probes fill every forward up to max_num_batched_tokens.
+    step_gate: StepGateConfig | None = None
     seed: int = 0
 
     def apply_process_env(self) -> None:
@@ -57,4 +69,13 @@ class EngineConfig:
             enable_prefix_caching=self.enable_prefix_caching,
             disable_log_stats=False,
             seed=self.seed,
+            **self._step_gate_kwargs(),
+        )
+
+    def _step_gate_kwargs(self) -> dict:
+        if self.step_gate is None:
+            return {}
+        return dict(
+            scheduler_cls=STEP_GATE_SCHEDULER_CLS,
+            additional_config={STEP_GATE_CONFIG_KEY: self.step_gate.to_dict()},
         )

@@ -1,0 +1,87 @@
+"""vLLM's scheduler with zoserve's per-step probe gate (planning/step_gate.py) in front of it.
+
+Loaded by vLLM in the engine-core process through `scheduler_cls` (a stock vLLM setting); the gate's settings
+arrive in `additional_config["zoserve_step_gate"]`. Before each `schedule()` the probes the gate does not admit
+are taken out of the waiting queue and put back right after, so vLLM's own scheduling (priority order, KV and
+LoRA limits, chunked prefill) decides everything else unchanged. Only never-scheduled waiting probes are held
+back; running requests and requests holding KV blocks are left alone.
+"""
+
+from __future__ import annotations
+
+import time
+
+from vllm.v1.core.sched.request_queue import PriorityRequestQueue
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from scheduler.engine.config import STEP_GATE_CONFIG_KEY
+from scheduler.planning.step_gate import StepGateConfig, StepView, num_admitted, step_allowance
+
+
+def _uncomputed(request) -> int:
+    return max(0, request.num_tokens - request.num_computed_tokens)
+
+
+class StepGateScheduler(Scheduler):
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        extra = vllm_config.additional_config
+        values = extra.get(STEP_GATE_CONFIG_KEY) if isinstance(extra, dict) else None
+        self.step_gate = StepGateConfig.from_dict(values) if values else None
+        if self.step_gate is not None and not isinstance(self.waiting, PriorityRequestQueue):
+            raise ValueError("the zoserve step gate needs scheduling_policy='priority'")
+        self._last_user_seen_s: float | None = None
+        self.num_probes_held_back = 0  # steps x probes, for tests and debugging
+
+    def schedule(self, *args, **kwargs):
+        allowance = self._step_allowance() if self.step_gate is not None else None
+        if allowance is None:
+            return super().schedule(*args, **kwargs)
+        queue = self.waiting
+        self.waiting = self._step_queue(queue, allowance)  # users + admitted probes; `queue` keeps the rest
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            step_queue, self.waiting = self.waiting, queue
+            while step_queue:  # not scheduled this step (LoRA or KV limits), or preempted into the queue
+                queue.add_request(step_queue.pop_request())
+
+    def _step_allowance(self) -> int | None:
+        probe_priority = self.step_gate.probe_priority
+        num_user_running = 0
+        probe_tokens_running = 0
+        for request in self.running:
+            if request.priority < probe_priority:
+                num_user_running += 1
+            else:
+                probe_tokens_running += min(_uncomputed(request), request.num_prompt_tokens)
+        user_waiting = bool(self.waiting) and self.waiting.peek_request().priority < probe_priority
+        decision = step_allowance(
+            self.step_gate,
+            StepView(
+                now_s=time.monotonic(),
+                num_user_waiting=int(user_waiting),  # the gate only asks whether any user waits
+                num_user_running=num_user_running,
+                num_probe_tokens_running=probe_tokens_running,
+            ),
+            self._last_user_seen_s,
+        )
+        self._last_user_seen_s = decision.last_user_seen_s
+        return decision.allowance
+
+    def _step_queue(self, queue: PriorityRequestQueue, allowance: int) -> PriorityRequestQueue:
+        """Move the waiting users and the probes the gate admits out of `queue` (priority order) into a new one."""
+        probe_priority = self.step_gate.probe_priority
+        step_queue = PriorityRequestQueue()
+        while queue and queue.peek_request().priority < probe_priority:
+            step_queue.add_request(queue.pop_request())
+        for _ in range(num_admitted(allowance, _queued_tokens(queue))):
+            step_queue.add_request(queue.pop_request())
+        self.num_probes_held_back += len(queue)
+        return step_queue
+
+
+def _queued_tokens(queue: PriorityRequestQueue):
+    """Uncomputed tokens of the queue's requests in priority order, without taking them out."""
+    for request in queue:
+        yield _uncomputed(request)
