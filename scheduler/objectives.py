@@ -5,13 +5,17 @@ sequences from the same examples and reduce the same scores, so they differ only
 
 - Classification (MeZO/LoZO on SST-2): prompt template + one verbalizer per class; per example the logit of
   class c is the mean log-prob of its option tokens, and the loss is cross-entropy over the classes.
-  Single-token options use the cheap path (one sequence per example, candidates scored at the last position);
-  multi-token options fall back to prompt log-probs (one sequence per example and option).
+  Every sequence is scored the cheap way, by the log-probs of a few candidate tokens at its last position
+  (never full-vocabulary prompt log-probs): the options form a trie, and each example sends one sequence per
+  trie node, its context + the node's prefix, with the tokens that follow that prefix as candidates. Single-
+  token options are one node: one sequence per example. " terrible" / " great" with " terrible" split in two
+  are two: (context; " terr", " great") and (context + " terr"; "ible").
 - Completion: the mean log-prob of the completion tokens given the prompt (loss = its negation).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +72,41 @@ class ClassificationObjective:
 
 
 @dataclass(frozen=True)
+class OptionTrie:
+    """The options' token prefixes as scoring nodes.
+
+    nodes: (prefix, candidate next tokens) per node, root first; candidates in the options' order.
+    paths: per option, its (node index, candidate index) per token: the option's log-prob is the sum of those
+        candidates' log-probs.
+    """
+
+    nodes: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    paths: tuple[tuple[tuple[int, int], ...], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def option_trie(option_ids: tuple[tuple[int, ...], ...]) -> OptionTrie:
+    node_of: dict[tuple[int, ...], int] = {}
+    candidates: list[list[int]] = []
+    prefixes: list[tuple[int, ...]] = []
+    paths = []
+    for option in option_ids:
+        path = []
+        for k, token in enumerate(option):
+            prefix = option[:k]
+            if prefix not in node_of:
+                node_of[prefix] = len(prefixes)
+                prefixes.append(prefix)
+                candidates.append([])
+            node = candidates[node_of[prefix]]
+            if token not in node:
+                node.append(token)
+            path.append((node_of[prefix], node.index(token)))
+        paths.append(tuple(path))
+    return OptionTrie(tuple(zip(prefixes, (tuple(c) for c in candidates))), tuple(paths))
+
+
+@dataclass(frozen=True)
 class EncodedClassification:
     contexts: tuple[tuple[int, ...], ...]
     labels: tuple[int, ...]
@@ -84,21 +123,23 @@ class EncodedClassification:
         return all(len(o) == 1 for o in self.option_ids)
 
     def sequences(self, indices: Sequence[int]) -> list[ScoringSequence]:
-        if self.single_token_options:
-            candidates = tuple(o[0] for o in self.option_ids)
-            return [ScoringSequence(self.contexts[i], candidate_ids=candidates) for i in indices]
+        """Per example (in `indices` order), one sequence per node of the option trie."""
+        nodes = option_trie(self.option_ids).nodes
         return [
-            ScoringSequence(self.contexts[i] + option, target_start=len(self.contexts[i]))
+            ScoringSequence(self.contexts[i] + prefix, candidate_ids=candidates)
             for i in indices
-            for option in self.option_ids
+            for prefix, candidates in nodes
         ]
 
     def class_logits(self, indices: Sequence[int], scores: Sequence[SequenceScores]) -> list[list[float]]:
-        if self.single_token_options:
-            return [list(s.logprobs) for s in scores]
-        num_options = len(self.option_ids)
+        """Per example, each option's mean token log-prob."""
+        trie = option_trie(self.option_ids)
+        num_nodes = len(trie.nodes)
         return [
-            [sum(scores[k * num_options + c].logprobs) / len(self.option_ids[c]) for c in range(num_options)]
+            [
+                sum(scores[k * num_nodes + node].logprobs[c] for node, c in path) / len(path)
+                for path in trie.paths
+            ]
             for k in range(len(indices))
         ]
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 class ScoringSequence:
     """One sequence to score.
 
-    With `candidate_ids` set (the cheap path for single-token options): the log-probs of those token ids at
+    With `candidate_ids` set (the cheap path; every classification sequence): the log-probs of those token ids at
     the position right after `token_ids`. Otherwise: the log-probs of `token_ids[target_start:]`, each given
-    its prefix (prompt log-probs).
+    its prefix (prompt log-probs over the whole vocabulary at every position; the completion objective).
     """
 
     token_ids: tuple[int, ...]

@@ -56,7 +56,7 @@ async def _run_parity(binding: EngineBinding, model_dir: str, objective: Classif
 
 
 async def test_parity_opt_multi_token_options(engine, opt_model_dir):
-    objective = ClassificationObjective()  # the tiny tokenizer splits " terrible": prompt-log-prob path
+    objective = ClassificationObjective()  # the tiny tokenizer splits " terrible": a two-node option trie
     assert not objective.encode(engine.tokenizer, load_sst2("dev", limit=2), 256).single_token_options
     await _run_parity(engine, opt_model_dir, objective)
 

@@ -37,8 +37,10 @@ def test_multi_token_options_average_token_logprobs():
     data = ClassificationObjective().encode(_WordTokenizer(), [LabelledText("ok", 0)], 64)
     assert not data.single_token_options
     seqs = data.sequences([0])
-    assert [s.token_ids[s.target_start :] for s in seqs] == [(10, 11), (12,)]
-    scores = [SequenceScores((-1.0, -3.0)), SequenceScores((-1.5,))]
+    context = data.contexts[0]
+    # The option trie: the context scores both first tokens, context + " terr" scores "ible"; no prompt log-probs.
+    assert [(s.token_ids, s.candidate_ids) for s in seqs] == [(context, (10, 12)), (context + (10,), (11,))]
+    scores = [SequenceScores((-1.0, -1.5)), SequenceScores((-3.0,))]
     logits = [-2.0, -1.5]
     expected = math.log(math.exp(logits[0]) + math.exp(logits[1])) - logits[0]
     assert math.isclose(data.score_batch([0], scores).loss, expected, rel_tol=1e-12)
@@ -63,3 +65,32 @@ def test_batches_cover_each_epoch_once_and_are_deterministic():
     assert batch_indices(3, 7, 4, 20) == batch_indices(3, 7, 4, 20)
     assert batch_indices(3, 0, 4, 20) != batch_indices(4, 0, 4, 20)
     assert len(batch_indices(0, 2, 8, 5)) == 8  # batch larger than the data wraps into the next epoch
+
+
+def test_option_trie_shares_prefixes_and_keeps_option_order():
+    from scheduler.objectives import option_trie
+
+    trie = option_trie(((5, 6, 7), (5, 8), (9,), (5, 6)))
+    assert trie.nodes == (((), (5, 9)), ((5,), (6, 8)), ((5, 6), (7,)))
+    assert trie.paths == (((0, 0), (1, 0), (2, 0)), ((0, 0), (1, 1)), ((0, 1),), ((0, 0), (1, 0)))
+    single = option_trie(((3,), (4,)))
+    assert single.nodes == (((), (3, 4)),) and single.paths == (((0, 0),), ((0, 1),))
+
+
+def test_multi_token_logits_match_a_per_option_sum():
+    """Trie scoring gives each option the sum of its tokens' log-probs, as scoring each option whole would."""
+    data = ClassificationObjective(options=(" terrible", " great", " terrible great")).encode(
+        _WordTokenizer(), [LabelledText("ok", 2), LabelledText("no", 0)], 64
+    )
+    trie_sequences = data.sequences([0, 1])
+    table = {}  # (context-with-prefix, next token) -> a made-up log-prob, as a model would give
+
+    def logprob(prefix, token):
+        return table.setdefault((prefix, token), -0.1 * (len(table) + 1))
+
+    scores = [SequenceScores(tuple(logprob(s.token_ids, t) for t in s.candidate_ids)) for s in trie_sequences]
+    for row, i in zip(data.class_logits([0, 1], scores), [0, 1]):
+        for option, value in zip(data.option_ids, row):
+            tokens = data.contexts[i] + option
+            expected = sum(logprob(tokens[:k], tokens[k]) for k in range(len(data.contexts[i]), len(tokens))) / len(option)
+            assert math.isclose(value, expected, rel_tol=1e-12)
