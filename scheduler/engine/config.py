@@ -10,7 +10,7 @@ from scheduler.planning.step_gate import StepGateConfig
 
 # vLLM's scheduler with the per-step probe gate (engine/step_gate_scheduler.py) and the key of its settings in
 # vLLM's `additional_config`; named here so that building engine arguments does not import vLLM.
-STEP_GATE_SCHEDULER_CLS = "scheduler.engine.step_gate_scheduler.StepGateScheduler"
+STEP_GATE_SCHEDULER_CLS = "scheduler.engine.step_gate_scheduler.make_step_gate_scheduler"
 STEP_GATE_CONFIG_KEY = "zoserve_step_gate"
 
 USER_PRIORITY = 0  # vLLM runs lower values first

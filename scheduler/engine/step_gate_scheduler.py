@@ -1,7 +1,9 @@
 """vLLM's scheduler with zoserve's per-step probe gate (planning/step_gate.py) in front of it.
 
-Loaded by vLLM in the engine-core process through `scheduler_cls` (a stock vLLM setting); the gate's settings
-arrive in `additional_config["zoserve_step_gate"]`. Before each `schedule()` the probes the gate does not admit
+Loaded by vLLM in the engine-core process through `scheduler_cls` (a stock vLLM setting), which names
+`make_step_gate_scheduler`: it builds the gate on vLLM's `AsyncScheduler` when vLLM chose async scheduling
+(GPU) and on the plain `Scheduler` otherwise (the CPU platform turns async scheduling off), so the gate never
+costs vLLM its async mode. The gate's settings arrive in `additional_config["zoserve_step_gate"]`. Before each `schedule()` the probes the gate does not admit
 are taken out of the waiting queue and put back right after, so vLLM's own scheduling (priority order, KV and
 LoRA limits, chunked prefill) decides everything else unchanged. Only never-scheduled waiting probes are held
 back; running requests and requests holding KV blocks are left alone.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import PriorityRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -22,7 +25,14 @@ def _uncomputed(request) -> int:
     return max(0, request.num_tokens - request.num_computed_tokens)
 
 
-class StepGateScheduler(Scheduler):
+def make_step_gate_scheduler(vllm_config, *args, **kwargs) -> Scheduler:
+    base = AsyncStepGateScheduler if vllm_config.scheduler_config.async_scheduling else StepGateScheduler
+    return base(vllm_config, *args, **kwargs)
+
+
+class _StepGate:
+    """Mixed in front of one of vLLM's schedulers; everything but `schedule()` is theirs."""
+
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         extra = vllm_config.additional_config
@@ -79,6 +89,14 @@ class StepGateScheduler(Scheduler):
             step_queue.add_request(queue.pop_request())
         self.num_probes_held_back += len(queue)
         return step_queue
+
+
+class StepGateScheduler(_StepGate, Scheduler):
+    pass
+
+
+class AsyncStepGateScheduler(_StepGate, AsyncScheduler):
+    pass
 
 
 def _queued_tokens(queue: PriorityRequestQueue):

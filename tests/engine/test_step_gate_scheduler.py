@@ -25,7 +25,7 @@ BLOCK = 32
 PROMPT = 40  # tokens per probe or user prompt
 
 
-def make_scheduler(model_dir: str, gate: StepGateConfig | None, max_num_batched_tokens: int = 2048):
+def make_scheduler(model_dir: str, gate: StepGateConfig | None, max_num_batched_tokens: int = 2048, async_scheduling=False):
     engine = EngineConfig(model=model_dir, step_gate=gate, max_num_batched_tokens=max_num_batched_tokens)
     kwargs = engine.engine_kwargs()
     vllm_config = VllmConfig(
@@ -50,6 +50,8 @@ def make_scheduler(model_dir: str, gate: StepGateConfig | None, max_num_batched_
             KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=8, dtype=torch.float32))
         ],
     )
+    # The CPU platform turns async scheduling off; set it afterwards to build what vLLM would on a GPU.
+    vllm_config.scheduler_config.async_scheduling = async_scheduling
     cls = vllm_config.scheduler_config.get_scheduler_cls()
     from vllm.v1.structured_output import StructuredOutputManager
 
@@ -92,9 +94,22 @@ GATE = StepGateConfig(probe_priority=PROBE_PRIORITY, tokens_with_users=128, toke
 def test_engine_config_names_a_loadable_scheduler(opt_model_dir):
     kwargs = EngineConfig(model=opt_model_dir, step_gate=GATE).engine_kwargs()
     module, _, name = kwargs["scheduler_cls"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    assert cls.__name__ == "StepGateScheduler"
+    factory = getattr(importlib.import_module(module), name)
+    assert callable(factory)
     assert "scheduler_cls" not in EngineConfig(model=opt_model_dir).engine_kwargs()
+
+
+def test_the_gate_keeps_vllms_async_scheduler_when_vllm_chose_it(opt_model_dir):
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    assert not isinstance(make_scheduler(opt_model_dir, GATE), AsyncScheduler)
+    gated = make_scheduler(opt_model_dir, GATE, async_scheduling=True)
+    assert isinstance(gated, AsyncScheduler) and gated.step_gate == GATE
+    for _ in range(30):
+        add(gated, PROBE_PRIORITY)
+    user = add(gated, USER_PRIORITY, max_tokens=16, arrival=1e9)
+    assert gated.schedule().num_scheduled_tokens == {user: PROMPT}
+    assert tokens_by_class(gated.schedule())[1] == 3 * PROMPT
 
 
 def test_without_users_probes_fill_the_forward(opt_model_dir):
