@@ -171,8 +171,38 @@ def poisson_offsets(rate_per_s: float, duration_s: float, seed: int) -> list[flo
     return offsets
 
 
-async def open_loop(client, phase: str, prompts: list[str], offsets: list[float], args) -> tuple[float, list[UserSample]]:
-    """Send a request at each offset from now, whatever is still in flight; all samples once every one ends."""
+async def _client_lags(stop: asyncio.Event, lags_s: list[float], interval_s: float = 0.005) -> None:
+    while not stop.is_set():
+        t = time.perf_counter()
+        await asyncio.sleep(interval_s)
+        lags_s.append(time.perf_counter() - t - interval_s)
+
+
+async def open_loop(client, phase: str, prompts: list[str], offsets: list[float], args) -> tuple[float, list[UserSample], dict]:
+    """Send a request at each offset from now, whatever is still in flight; all samples once every one ends.
+
+    The load generator's own garbage collector is off during the phase (a full collection of its heap stalled
+    sends and reads for hundreds of ms, which the measurement charged to the server), and its event-loop lags
+    are returned with the samples."""
+    gc.collect()
+    gc.disable()
+    lags_s: list[float] = []
+    stop = asyncio.Event()
+    monitor = asyncio.create_task(_client_lags(stop, lags_s))
+    try:
+        start, samples = await _send_open_loop(client, phase, prompts, offsets, args)
+    finally:
+        stop.set()
+        await monitor
+        gc.enable()
+    stats = {
+        "loop_lag_max_ms": 1000.0 * max(lags_s, default=0.0),
+        "loop_lags_over_20ms": sum(1 for lag in lags_s if lag > 0.020),
+    }
+    return start, samples, stats
+
+
+async def _send_open_loop(client, phase: str, prompts: list[str], offsets: list[float], args) -> tuple[float, list[UserSample]]:
     start = time.time()
     tasks = []
     for i, offset in enumerate(offsets):
@@ -219,7 +249,7 @@ class LoadClient:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, _client_main, self._url, kind, {**payload, "args": self._args})
 
-    async def open_loop(self, phase: str, prompts: list[str], offsets: list[float]) -> tuple[float, list[UserSample]]:
+    async def open_loop(self, phase: str, prompts: list[str], offsets: list[float]) -> tuple[float, list[UserSample], dict]:
         return await self._call("open", {"phase": phase, "prompts": prompts, "offsets": offsets})
 
     async def closed_loop(self, prompts: list[str], concurrency: int, warmup_s: float, measure_s: float) -> dict:
@@ -365,6 +395,9 @@ async def sample_runtime(runtime, rows: list[dict], stop: asyncio.Event, interva
 
 
 # ----------------------------------------------------------------- summaries
+SENT_LATE_S = 0.020  # a request the load generator sent more than this after its scheduled arrival
+
+
 def _pct(values_s, q: float) -> float | None:
     values = [v for v in values_s if v is not None]
     return float(np.percentile(values, q) * 1000.0) if values else None
@@ -385,6 +418,10 @@ def user_summary(samples: list[UserSample], duration_s: float) -> dict:
         "e2e_p50_ms": _pct([s.e2e_s for s in ok], 50),
         "e2e_p99_ms": _pct([s.e2e_s for s in ok], 99),
         "send_lag_p99_ms": _pct([s.sent_s - s.scheduled_s for s in samples], 99),
+        # Diagnostic only (the targets use every request): the load generator is a separate process, so a
+        # request it sent late was held up by the machine, not (only) by the server.
+        "num_sent_late": sum(1 for s in samples if s.sent_s - s.scheduled_s > SENT_LATE_S),
+        "ttft_p99_ms_sent_on_time": _pct([s.ttft_s for s in ok if s.sent_s - s.scheduled_s <= SENT_LATE_S], 99),
         "mean_output_tokens": float(np.mean([s.num_output_tokens for s in ok])) if ok else None,
     }
 
@@ -496,6 +533,7 @@ class Raw:
     job_states: dict[str, str]
     engine_healthy: bool
     stalls: StallMonitor
+    client_stats: dict[str, dict]  # phase -> the load generator's own event-loop lags
 
 
 async def prepare_user_adapters(client, prompts: list[str], args) -> None:
@@ -534,11 +572,12 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         sampler = asyncio.create_task(sample_runtime(service.runtime, runtime_rows, stop_sampling, 0.25))
         stall_task = asyncio.create_task(stalls.run(stop_sampling))
         phases: dict[str, tuple[float, float]] = {}
+        client_stats: dict[str, dict] = {}
         samples: list[UserSample] = []
         job_ids: dict[str, str] = {}
         try:
             print("phase users: users alone ...", flush=True)
-            t0, got = await load.open_loop("users", prompts, offsets)
+            t0, got, client_stats["users"] = await load.open_loop("users", prompts, offsets)
             phases["users"] = (t0, t0 + duration)
             samples += got
             if args.target_ttft_ms is None and args.target_from_users is not None:
@@ -560,7 +599,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
             phases["zo"] = (t0, t0 + duration)
 
             print("phase together: users and the two jobs ...", flush=True)
-            t0, got = await load.open_loop("together", prompts, offsets)
+            t0, got, client_stats["together"] = await load.open_loop("together", prompts, offsets)
             phases["together"] = (t0, t0 + duration)
             samples += got
 
@@ -581,12 +620,17 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
             print(f"engine health check failed: {type(exc).__name__}: {exc}", flush=True)
             engine_healthy = False
     load.close()
-    return Raw(calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy, stalls)
+    return Raw(
+        calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy, stalls,
+        client_stats,
+    )
 
 
 def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
     users = user_summary([s for s in raw.samples if s.phase == "users"], raw.phase_s)
     together = user_summary([s for s in raw.samples if s.phase == "together"], raw.phase_s)
+    users["load_generator"] = raw.client_stats.get("users")
+    together["load_generator"] = raw.client_stats.get("together")
     zo_alone = zo_summary(raw.steps_by_job, *raw.phases["zo"])
     zo_together = zo_summary(raw.steps_by_job, *raw.phases["together"])
     t0, t1 = raw.phases["together"]
@@ -597,6 +641,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
     fair_errors = [e for e in (zo_alone["fair_share_error"], zo_together["fair_share_error"]) if e is not None]
     figures = {
         "user_ttft_p99_ratio": _ratio(together["ttft_p99_ms"], users["ttft_p99_ms"]),
+        "user_ttft_p99_ratio_sent_on_time": _ratio(together["ttft_p99_ms_sent_on_time"], users["ttft_p99_ms_sent_on_time"]),
         "user_e2e_p99_ratio": _ratio(together["e2e_p99_ms"], users["e2e_p99_ms"]),
         "zo_steps_ratio": _ratio(zo_together["steps_per_s"], zo_alone["steps_per_s"]),
         "zo_token_share": zo_together["num_tokens"] / all_tokens if all_tokens else None,
@@ -725,6 +770,8 @@ def print_summary(result: dict) -> None:
         met = result["targets_met"].get(key)
         note = "" if met is None else (f"  (target {result['targets'][key]}: {'met' if met else 'MISSED'})")
         print(f"{key:20s} {_fmt(result[key])}{note}")
+    print(f"diagnostic: TTFT p99 ratio over requests the load generator sent on time (<= {SENT_LATE_S * 1000:.0f} ms late): "
+          f"{_fmt(result['user_ttft_p99_ratio_sent_on_time'])}")
     print(f"EngineDeadError records: {result['engine_dead_errors']}; engine healthy at end: {result['engine_healthy_at_end']}")
 
 
