@@ -68,6 +68,10 @@ class UserSample:
     error: str | None
 
     @property
+    def send_lag_s(self) -> float:
+        return self.sent_s - self.scheduled_s
+
+    @property
     def ttft_s(self) -> float | None:
         return None if self.first_text_s is None else self.first_text_s - self.scheduled_s
 
@@ -171,35 +175,24 @@ def poisson_offsets(rate_per_s: float, duration_s: float, seed: int) -> list[flo
     return offsets
 
 
-async def _client_lags(stop: asyncio.Event, lags_s: list[float], interval_s: float = 0.005) -> None:
-    while not stop.is_set():
-        t = time.perf_counter()
-        await asyncio.sleep(interval_s)
-        lags_s.append(time.perf_counter() - t - interval_s)
-
-
 async def open_loop(client, phase: str, prompts: list[str], offsets: list[float], args) -> tuple[float, list[UserSample], dict]:
     """Send a request at each offset from now, whatever is still in flight; all samples once every one ends.
 
     The load generator's own garbage collector is off during the phase (a full collection of its heap stalled
     sends and reads for hundreds of ms, which the measurement charged to the server), and its event-loop lags
-    are returned with the samples."""
+    are returned with the samples (the same monitor as the service's)."""
     gc.collect()
     gc.disable()
-    lags_s: list[float] = []
+    monitor = StallMonitor()
     stop = asyncio.Event()
-    monitor = asyncio.create_task(_client_lags(stop, lags_s))
+    watching = asyncio.create_task(monitor.run(stop))
     try:
         start, samples = await _send_open_loop(client, phase, prompts, offsets, args)
     finally:
         stop.set()
-        await monitor
+        await watching
         gc.enable()
-    stats = {
-        "loop_lag_max_ms": 1000.0 * max(lags_s, default=0.0),
-        "loop_lags_over_20ms": sum(1 for lag in lags_s if lag > 0.020),
-    }
-    return start, samples, stats
+    return start, samples, monitor.view(float("-inf"), float("inf"))
 
 
 async def _send_open_loop(client, phase: str, prompts: list[str], offsets: list[float], args) -> tuple[float, list[UserSample]]:
@@ -417,11 +410,11 @@ def user_summary(samples: list[UserSample], duration_s: float) -> dict:
         "ttft_p99_ms": _pct([s.ttft_s for s in ok], 99),
         "e2e_p50_ms": _pct([s.e2e_s for s in ok], 50),
         "e2e_p99_ms": _pct([s.e2e_s for s in ok], 99),
-        "send_lag_p99_ms": _pct([s.sent_s - s.scheduled_s for s in samples], 99),
+        "send_lag_p99_ms": _pct([s.send_lag_s for s in samples], 99),
         # Diagnostic only (the targets use every request): the load generator is a separate process, so a
         # request it sent late was held up by the machine, not (only) by the server.
-        "num_sent_late": sum(1 for s in samples if s.sent_s - s.scheduled_s > SENT_LATE_S),
-        "ttft_p99_ms_sent_on_time": _pct([s.ttft_s for s in ok if s.sent_s - s.scheduled_s <= SENT_LATE_S], 99),
+        "num_sent_late": sum(1 for s in samples if s.send_lag_s > SENT_LATE_S),
+        "ttft_p99_ms_sent_on_time": _pct([s.ttft_s for s in ok if s.send_lag_s <= SENT_LATE_S], 99),
         "mean_output_tokens": float(np.mean([s.num_output_tokens for s in ok])) if ok else None,
     }
 

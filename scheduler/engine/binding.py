@@ -218,17 +218,11 @@ class EngineBinding:
     async def _score_with(self, seq: ScoringSequence, lora, salt: str, priority: int) -> SequenceScores:
         from vllm import SamplingParams
 
-        # Fresh params per request, so vLLM may skip its per-request deep copy (skip_clone): ~8 % of the
-        # service process's CPU at ~130 probe requests/s (py-spy, ZO alone).
-        if seq.candidate_ids:
-            params = SamplingParams(
-                max_tokens=1, temperature=0.0, logprob_token_ids=list(seq.candidate_ids), detokenize=False,
-                skip_clone=True,
-            )
-        else:
-            params = SamplingParams(
-                max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False, skip_clone=True
-            )
+        # Candidate log-probs at the last position, or prompt log-probs over every position. Fresh params per
+        # request, so vLLM may skip its per-request deep copy (skip_clone): ~8 % of the service process's CPU at
+        # ~130 probe requests/s (py-spy, ZO alone).
+        wanted = dict(logprob_token_ids=list(seq.candidate_ids)) if seq.candidate_ids else dict(prompt_logprobs=0)
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_clone=True, **wanted)
         final = None
         prompt = _token_input(seq.token_ids, salt)
         async for output in self._engine.generate(

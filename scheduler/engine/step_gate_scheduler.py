@@ -3,8 +3,9 @@
 Loaded by vLLM in the engine-core process through `scheduler_cls` (a stock vLLM setting), which names
 `make_step_gate_scheduler`: it builds the gate on vLLM's `AsyncScheduler` when vLLM chose async scheduling
 (GPU) and on the plain `Scheduler` otherwise (the CPU platform turns async scheduling off), so the gate never
-costs vLLM its async mode. The gate's settings arrive in `additional_config["zoserve_step_gate"]`. Before each `schedule()` the probes the gate does not admit
-are taken out of the waiting queue and put back right after, so vLLM's own scheduling (priority order, KV and
+costs vLLM its async mode. The gate's settings arrive in `additional_config["zoserve_step_gate"]` (EngineConfig
+names this class only together with them). Before each `schedule()` the probes the gate does not admit are
+taken out of the waiting queue and put back right after, so vLLM's own scheduling (priority order, KV and
 LoRA limits, chunked prefill) decides everything else unchanged. Only never-scheduled waiting probes are held
 back; running requests and requests holding KV blocks are left alone.
 """
@@ -37,14 +38,16 @@ class _StepGate:
         super().__init__(vllm_config, *args, **kwargs)
         extra = vllm_config.additional_config
         values = extra.get(STEP_GATE_CONFIG_KEY) if isinstance(extra, dict) else None
-        self.step_gate = StepGateConfig.from_dict(values) if values else None
-        if self.step_gate is not None and not isinstance(self.waiting, PriorityRequestQueue):
+        if not values:
+            raise ValueError(f"the zoserve step gate needs its settings in additional_config[{STEP_GATE_CONFIG_KEY!r}]")
+        self.step_gate = StepGateConfig.from_dict(values)
+        if not isinstance(self.waiting, PriorityRequestQueue):
             raise ValueError("the zoserve step gate needs scheduling_policy='priority'")
         self._last_user_seen_s: float | None = None
         self.num_probes_held_back = 0  # steps x probes, for tests and debugging
 
     def schedule(self, *args, **kwargs):
-        allowance = self._step_allowance() if self.step_gate is not None else None
+        allowance = self._step_allowance()
         if allowance is None:
             return super().schedule(*args, **kwargs)
         queue = self.waiting
