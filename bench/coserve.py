@@ -365,6 +365,42 @@ class StallMonitor:
         }
 
 
+class ProcessCpu:
+    """CPU seconds per process of this run (the service with its AsyncLLM front end here, vLLM's engine-core and
+    worker processes, the load generator) at phase boundaries: which process takes the cores in which phase."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._me = psutil.Process()
+        self.marks: dict[str, dict[str, float]] = {}
+
+    def _names(self) -> dict[str, float]:
+        import psutil
+
+        totals: dict[str, float] = {}
+        for proc in [self._me, *self._me.children(recursive=True)]:
+            try:
+                name = "service" if proc.pid == self._me.pid else proc.name()
+                if "python" in name:
+                    name = "load_generator"
+                times = proc.cpu_times()
+                totals[name] = totals.get(name, 0.0) + times.user + times.system
+            except psutil.Error:
+                continue
+        return totals
+
+    def mark(self, label: str) -> None:
+        self.marks[label] = {"t": time.time(), **self._names()}
+
+    def view(self, start: str, end: str) -> dict[str, float]:
+        a, b = self.marks.get(start), self.marks.get(end)
+        if a is None or b is None:
+            return {}
+        elapsed = b["t"] - a["t"]
+        return {k: round((b[k] - a.get(k, 0.0)) / elapsed, 3) for k in b if k != "t"}
+
+
 async def sample_runtime(runtime, rows: list[dict], stop: asyncio.Event, interval_s: float) -> None:
     """The co-scheduler's view over time (budget, its own p95 TTFT, queues), for the plot and the reading."""
     while not stop.is_set():
@@ -527,6 +563,7 @@ class Raw:
     engine_healthy: bool
     stalls: StallMonitor
     client_stats: dict[str, dict]  # phase -> the load generator's own event-loop lags
+    cpu_by_phase: dict[str, dict[str, float]]  # phase -> process -> CPU seconds per second
 
 
 async def prepare_user_adapters(client, prompts: list[str], args) -> None:
@@ -561,6 +598,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
 
         runtime_rows: list[dict] = []
         stalls = StallMonitor()
+        cpu = ProcessCpu()
         stop_sampling = asyncio.Event()
         sampler = asyncio.create_task(sample_runtime(service.runtime, runtime_rows, stop_sampling, 0.25))
         stall_task = asyncio.create_task(stalls.run(stop_sampling))
@@ -570,7 +608,9 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         job_ids: dict[str, str] = {}
         try:
             print("phase users: users alone ...", flush=True)
+            cpu.mark("users_start")
             t0, got, client_stats["users"] = await load.open_loop("users", prompts, offsets)
+            cpu.mark("users_end")
             phases["users"] = (t0, t0 + duration)
             samples += got
             if args.target_ttft_ms is None and args.target_from_users is not None:
@@ -588,11 +628,15 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
 
             print("phase zo: the two jobs alone ...", flush=True)
             t0 = time.time()
+            cpu.mark("zo_start")
             await asyncio.sleep(duration)
+            cpu.mark("zo_end")
             phases["zo"] = (t0, t0 + duration)
 
             print("phase together: users and the two jobs ...", flush=True)
+            cpu.mark("together_start")
             t0, got, client_stats["together"] = await load.open_loop("together", prompts, offsets)
+            cpu.mark("together_end")
             phases["together"] = (t0, t0 + duration)
             samples += got
 
@@ -615,7 +659,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
     load.close()
     return Raw(
         calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy, stalls,
-        client_stats,
+        client_stats, {phase: cpu.view(f"{phase}_start", f"{phase}_end") for phase in ("users", "zo", "together")},
     )
 
 
@@ -682,15 +726,16 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "shm_busy_loop_s": "vllm default (1 s)" if args.shm_busy_loop_s is None else args.shm_busy_loop_s,
             "cpu_threads": args.cpu_threads if args.cpu_threads is not None else "service default (cores - 1)",
             "step_gate": engine.step_gate.to_dict() if engine.step_gate else "off (vLLM's scheduler)",
+            "probe_lane": engine.probe_lane,
             "max_num_batched_tokens": engine.max_num_batched_tokens, "max_num_seqs": engine.max_num_seqs,
         },
         "calibration": raw.calibration,
         "phases": {
-            "users": {"users": users, "controller": controller_view(*raw.phases["users"])},
-            "zo": {"zo": zo_alone, "controller": controller_view(*raw.phases["zo"])},
+            "users": {"users": users, "controller": controller_view(*raw.phases["users"]), "cpu": raw.cpu_by_phase["users"]},
+            "zo": {"zo": zo_alone, "controller": controller_view(*raw.phases["zo"]), "cpu": raw.cpu_by_phase["zo"]},
             "together": {
                 "users": together, "zo": zo_together, "user_tokens": user_tokens,
-                "controller": controller_view(*raw.phases["together"]),
+                "controller": controller_view(*raw.phases["together"]), "cpu": raw.cpu_by_phase["together"],
             },
         },
     }
@@ -719,6 +764,7 @@ async def run(args) -> tuple[dict, Raw]:
         **({"cpu_threads": args.cpu_threads} if args.cpu_threads is not None else {}),
         coscheduler_hold_chunks_while_users_wait=not args.no_hold,
         shm_busy_loop_s=args.shm_busy_loop_s,
+        probe_lane=not args.no_probe_lane,
         step_gate_tokens_with_users=args.step_gate_tokens,
         **({"step_gate_tokens_with_user_prefill": args.step_gate_prefill_tokens}
            if args.step_gate_prefill_tokens is not None else {}),
@@ -765,6 +811,9 @@ def print_summary(result: dict) -> None:
         print(f"{key:20s} {_fmt(result[key])}{note}")
     print(f"diagnostic: TTFT p99 ratio over requests the load generator sent on time (<= {SENT_LATE_S * 1000:.0f} ms late): "
           f"{_fmt(result['user_ttft_p99_ratio_sent_on_time'])}")
+    for name in ("users", "zo", "together"):
+        cpu = result["phases"][name]["cpu"]
+        print(f"CPU s/s, {name:9s} " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())))
     print(f"EngineDeadError records: {result['engine_dead_errors']}; engine healthy at end: {result['engine_healthy_at_end']}")
 
 
@@ -795,6 +844,7 @@ def main() -> None:
         "--shm-busy-loop-s", type=_busy_loop_arg, default=0.0,
         help="seconds vLLM's queue readers spin after a read ('vllm': vLLM's own 1 s; default 0, the service's)",
     )
+    parser.add_argument("--no-probe-lane", action="store_true", help="submit probe requests as soon as admitted")
     parser.add_argument("--no-hold", action="store_true", help="let chunks enter while a user waits for its first token")
     parser.add_argument("--min-chunks", type=int, default=None, help="co-scheduler budget floor in chunks (default: the service's)")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="co-scheduler probe chunk size (default: the service's)")

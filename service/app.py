@@ -54,6 +54,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         num_cpu_threads=settings.cpu_threads or max(1, (os.cpu_count() or 1) - 1),
         shm_busy_loop_s=settings.shm_busy_loop_s,
         step_gate=step_gate_config(settings),
+        probe_lane=settings.probe_lane,
     )
 
 

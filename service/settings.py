@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     step_gate_tokens_with_users: int | None = Field(256, ge=0)
     step_gate_tokens_with_user_prefill: int = Field(0, ge=0)
     step_gate_user_memory_s: float = Field(2.0, ge=0)
+    # Probe requests enter the engine one per event-loop turn, so user HTTP and streaming work on the one
+    # loop never waits behind a burst of probe submissions (scheduler/probe_lane.py). False: all at once.
+    probe_lane: bool = True
     data_dir: Path = Path(".zoserve")
     redis_url: str | None = None
     # Full adapter snapshot every N committed versions (replay covers the ones between).

@@ -24,6 +24,7 @@ from scheduler.aio import gather_or_cancel
 from scheduler.engine.config import PROBE_PRIORITY, USER_PRIORITY, EngineConfig
 from scheduler.engine.worker_extension import layout_to_wire, tensors_from_wire, tensors_to_wire
 from scheduler.errors import EngineSelfTestFailed
+from scheduler.probe_lane import ProbeLane
 from scheduler.scoring import ScoringSequence, SequenceScores
 from scheduler.zo.lora_layout import LoraLayout, LoraShape, initial_state, layout_for_model_dir
 
@@ -53,6 +54,7 @@ class EngineBinding:
         self._disk_lora_ids = itertools.count(config.num_slots + 1000)
         self._disk_slot_lock = asyncio.Lock()
         self.tokenizer = None
+        self.probe_lane = ProbeLane() if config.probe_lane else None
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -225,6 +227,8 @@ class EngineBinding:
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_clone=True, **wanted)
         final = None
         prompt = _token_input(seq.token_ids, salt)
+        if self.probe_lane is not None and priority >= PROBE_PRIORITY:
+            await self.probe_lane.turn()
         async for output in self._engine.generate(
             prompt, params, request_id=self._next_request_id("score"), lora_request=lora, priority=priority
         ):

@@ -36,6 +36,9 @@ class EngineConfig:
     # How many queued probe tokens each engine step may take next to users (planning/step_gate.py); None:
     # vLLM's scheduler unchanged, probes fill every forward up to max_num_batched_tokens.
     step_gate: StepGateConfig | None = None
+    # Probe requests enter the engine one per event-loop turn (scheduler/probe_lane.py), so a burst of them
+    # never holds up user work on the service's loop; False submits each as soon as its chunk is admitted.
+    probe_lane: bool = True
     seed: int = 0
 
     def apply_process_env(self) -> None:
