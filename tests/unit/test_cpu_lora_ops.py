@@ -1,4 +1,5 @@
-"""Grouped CPU LoRA ops equal vLLM's per-token ops, and give adapter-less tokens no LoRA contribution."""
+"""The CPU LoRA ops (runs of one adapter as GEMMs, the rest per token) equal vLLM's per-token ops, and give
+adapter-less tokens no LoRA contribution."""
 
 import pytest
 import torch
@@ -12,9 +13,17 @@ def test_grouped_ops_match_vllm_stock_ops():
     assert cpu_lora_ops._agrees_with_stock(stock)
 
 
-@pytest.mark.parametrize("gather_max_tokens", [0, 32], ids=["grouped", "gathered"])
-def test_tokens_without_adapter_get_nothing(monkeypatch, gather_max_tokens):
+PATHS = pytest.mark.parametrize(
+    "gather_max_tokens,min_run_tokens",
+    [(0, 0), (0, 2), (0, 10**6), (32, 48)],
+    ids=["runs", "runs-and-sorted", "sorted", "gathered"],
+)
+
+
+@PATHS
+def test_tokens_without_adapter_get_nothing(monkeypatch, gather_max_tokens, min_run_tokens):
     monkeypatch.setattr(cpu_lora_ops, "GATHER_MAX_TOKENS", gather_max_tokens)
+    monkeypatch.setattr(cpu_lora_ops, "MIN_RUN_TOKENS", min_run_tokens)
     g = torch.Generator().manual_seed(1)
     a = torch.randn(2, 1, 4, 6, generator=g)  # [L, 1, r, in]
     x = torch.randn(5, 6, generator=g)
@@ -41,24 +50,36 @@ def _stock_shrink(x, a, indices, scaling):
     return out
 
 
-@pytest.mark.parametrize("gather_max_tokens", [0, 32], ids=["grouped", "gathered"])
-def test_grouping_cache_follows_every_change_of_the_indices(monkeypatch, gather_max_tokens):
-    """Both paths (8 tokens: gathered per token by default, grouped by adapter with the threshold at 0).
-    The grouping is cached across calls (one per LoRA layer of a forward): a new forward's indices, written
-    in place into the same buffer as vLLM does, or a different tensor, must never reuse a stale grouping."""
+def _expected_expand(base, h, b, indices):
+    expected = base.clone()
+    for t, index in enumerate(indices.tolist()):
+        if index >= 0:
+            expected[t] += h[t] @ b[index, 0].T
+    return expected
+
+
+@PATHS
+def test_grouping_cache_follows_every_change_of_the_indices(monkeypatch, gather_max_tokens, min_run_tokens):
+    """Every path (8 tokens: gathered per token; every run a GEMM on a view; runs of >= 2 as views and single
+    tokens sorted; everything sorted). The plan is cached across calls (one per LoRA layer of a forward): a
+    new forward's indices, written in place into the same buffer as vLLM does, or a different tensor, must
+    never reuse a stale plan."""
     monkeypatch.setattr(cpu_lora_ops, "GATHER_MAX_TOKENS", gather_max_tokens)
+    monkeypatch.setattr(cpu_lora_ops, "MIN_RUN_TOKENS", min_run_tokens)
     g = torch.Generator().manual_seed(2)
     a = torch.randn(3, 1, 4, 6, generator=g)
     x = torch.randn(8, 6, generator=g)
     buffer = torch.tensor([0, 0, 0, 1, 1, 2, 2, -1])  # contiguous runs: slices
-    cases = [
-        buffer,
-        buffer.copy_(torch.tensor([2, 2, 1, 1, 1, 0, 0, 0])),  # same storage, new contents (next forward)
-        torch.tensor([1, 0, 1, 2, 0, -1, 1, 2]),  # interleaved: index tensors, not slices
-        torch.tensor([1, 0, 1, 2, 0, -1, 1, 2]),  # equal contents, another tensor: the cached grouping holds
-        torch.full((8,), -1),  # no adapter at all
+    cases = [  # each made when its turn comes, so the in-place rewrite happens after the first forward
+        lambda: buffer,
+        lambda: buffer.copy_(torch.tensor([2, 2, 1, 1, 1, 0, 0, 0])),  # same storage, new contents (next forward)
+        lambda: torch.tensor([1, 0, 1, 2, 0, -1, 1, 2]),  # interleaved: single-token runs
+        lambda: torch.tensor([1, 1, 0, 2, 2, 1, 1, 0]),  # adapters 1 and 0 in two runs each
+        lambda: torch.tensor([1, 0, 1, 2, 0, -1, 1, 2]),  # equal contents, another tensor: the cached plan holds
+        lambda: torch.full((8,), -1),  # no adapter at all
     ]
-    for indices in cases:
+    for make in cases:
+        indices = make()
         out = torch.full((8, 4), 5.0)
         cpu_lora_ops.bgmv_shrink(x, a, out, indices, 0.5)
         assert torch.allclose(out, _stock_shrink(x, a, indices, 0.5), atol=1e-6), indices
@@ -66,8 +87,29 @@ def test_grouping_cache_follows_every_change_of_the_indices(monkeypatch, gather_
         b = torch.randn(3, 1, 3, 4, generator=g)
         expanded = base.clone()
         cpu_lora_ops.bgmv_expand(out, b, expanded, indices, True)
+        assert torch.allclose(expanded, _expected_expand(base, out, b, indices), atol=1e-6), indices
+
+
+@pytest.mark.parametrize("min_run_tokens", [0, 3, 16, 10**6])
+def test_random_batches_match_the_per_token_definition(monkeypatch, min_run_tokens):
+    """Batches as vLLM builds them: requests of random lengths on random adapters (some without), in any
+    order, so one adapter's tokens come in several runs, long and short."""
+    monkeypatch.setattr(cpu_lora_ops, "GATHER_MAX_TOKENS", 0)
+    monkeypatch.setattr(cpu_lora_ops, "MIN_RUN_TOKENS", min_run_tokens)
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 1, 4, 6, generator=g)
+    b = torch.randn(5, 1, 7, 4, generator=g)
+    for _ in range(30):
+        lengths = torch.randint(1, 40, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g)
+        adapters = torch.randint(-1, 5, (lengths.numel(),), generator=g)
+        indices = torch.repeat_interleave(adapters, lengths)
+        x = torch.randn(indices.numel(), 6, generator=g)
+        out = torch.full((indices.numel(), 4), 3.0)
+        cpu_lora_ops.bgmv_shrink(x, a, out, indices, 0.25)
+        assert torch.allclose(out, _stock_shrink(x, a, indices, 0.25), atol=1e-5)
+        base = torch.randn(indices.numel(), 10, generator=g)
+        expanded = base.clone()
+        cpu_lora_ops.bgmv_expand_slice(out, b, expanded, indices, 2, 7, True)
         expected = base.clone()
-        for t, index in enumerate(indices.tolist()):
-            if index >= 0:
-                expected[t] += out[t] @ b[index, 0].T
-        assert torch.allclose(expanded, expected, atol=1e-6), indices
+        expected[:, 2:9] = _expected_expand(base[:, 2:9], out, b, indices)
+        assert torch.allclose(expanded, expected, atol=1e-5)
