@@ -49,6 +49,8 @@ class Generation:
         """Engine chunks (cumulative text); closes the lease and records metrics when done or dropped."""
         ttft_s, final = None, None
         self._inflight[0] += 1
+        lane = self._runtime.binding.probe_lane
+        hold = lane.hold() if lane is not None else None  # probe submissions pause until our first token
         try:
             # The co-scheduler sizes the ZO budget from these requests' time to first token.
             async with self._stack, self._runtime.user_request(len(self.prompt_ids)) as tracked:
@@ -69,7 +71,11 @@ class Generation:
                     tracked.num_output_tokens = len(chunk.token_ids)
                     final = chunk
                     yield chunk
+                    if hold is not None and ttft_s is not None:
+                        hold.release()  # the first token is written out
         finally:
+            if hold is not None:
+                hold.release()
             self._inflight[0] -= 1
             self._metrics.observe_user_request(
                 self.adapter_class, duration_s=time.perf_counter() - self._started, ttft_s=ttft_s  # type: ignore[arg-type]

@@ -79,3 +79,52 @@ async def test_the_lane_serves_again_after_it_went_idle():
     await asyncio.gather(*(_probe(lane, i, order) for i in range(3, 6)))
     assert [i for _, i in order] == list(range(6))
     assert lane.num_granted == 6
+
+
+async def test_a_user_hold_spaces_probe_turns_and_its_release_lets_them_go():
+    lane = ProbeLane(max_hold_gap_s=0.02)
+    loop = asyncio.get_running_loop()
+    granted: list[float] = []
+
+    async def probe() -> None:
+        await lane.turn()
+        granted.append(loop.time())
+
+    hold = lane.hold()
+    started = loop.time()
+    tasks = [asyncio.create_task(probe()) for _ in range(6)]
+    await asyncio.sleep(0.07)  # held: one turn at once, then one per 20 ms
+    assert 3 <= len(granted) <= 5
+    gaps = [b - a for a, b in zip(granted, granted[1:])]
+    assert all(gap >= 0.018 for gap in gaps), gaps
+    assert lane.num_granted_while_held == len(granted)
+    hold.release()
+    hold.release()  # idempotent: one hold, one release
+    assert lane.num_holds == 0
+    await asyncio.gather(*tasks)
+    assert len(granted) == 6
+    assert granted[-1] - started < 0.1  # the rest went right after the release, not at 20 ms each
+
+
+async def test_the_lane_is_not_held_once_every_hold_is_released():
+    lane = ProbeLane(max_hold_gap_s=1.0)
+    first, second = lane.hold(), lane.hold()
+    first.release()
+    assert lane.num_holds == 1
+    waiter = asyncio.create_task(lane.turn())
+    await asyncio.sleep(0.01)
+    # The first turn after a quiet spell goes at once; the rest would wait up to a second while held.
+    assert waiter.done()
+    second_waiter = asyncio.create_task(lane.turn())
+    await asyncio.sleep(0.01)
+    assert not second_waiter.done()
+    second.release()
+    await asyncio.wait_for(second_waiter, 0.5)
+    assert lane.num_granted == 2
+
+
+def test_a_negative_hold_gap_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="max_hold_gap_s"):
+        ProbeLane(max_hold_gap_s=-1.0)
