@@ -1,0 +1,179 @@
+"""One run: the engine and the service, then the calibrate, users, zo and together phases (see bench/coserve.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from scheduler.datasets import load_sst2
+from scheduler.engine.binding import EngineBinding
+from service.app import engine_config
+from service.settings import Settings
+
+from coserve_parts.jobs import JOBS, _rows, create_job, job_body, wait_job
+from coserve_parts.load import USER_ADAPTERS, LoadClient, UserSample, one_request, poisson_offsets
+from coserve_parts.monitors import EngineDeathCounter, ProcessCpu, StallMonitor, sample_runtime
+from coserve_parts.service import Service
+from coserve_parts.summary import summarise
+
+
+@dataclass
+class Raw:
+    """What one run collected, before any summary."""
+
+    calibration: dict
+    rate_per_s: float
+    phase_s: float
+    phases: dict[str, tuple[float, float]]  # name -> (wall start, wall end) of its measurement window
+    samples: list[UserSample]
+    steps_by_job: dict[str, tuple[float, list[dict]]]  # adapter -> (weight, step metrics from the API)
+    runtime_rows: list[dict]
+    job_states: dict[str, str]
+    engine_healthy: bool
+    stalls: StallMonitor
+    client_stats: dict[str, dict]  # phase -> the load generator's own event-loop lags
+    cpu_by_phase: dict[str, dict[str, float]]  # phase -> process -> CPU seconds per second
+
+
+async def prepare_user_adapters(client, prompts: list[str], args) -> None:
+    """Three served adapters for users: two ZO steps each make them exist with a committed version."""
+    rows = _rows("train", 64)
+    ids = [await create_job(client, job_body(name, 1.0, 2, 4, 1, rows)) for name in USER_ADAPTERS]
+    for job_id in ids:
+        await wait_job(client, job_id, lambda j: j["status"] == "succeeded", 600)
+    for name in USER_ADAPTERS:  # every adapter answers once before anything is measured
+        warm = await one_request(client, "warmup", name, prompts[0], args.output_tokens, time.time())
+        if warm.error:
+            raise RuntimeError(f"warm-up request to {name} failed: {warm.error}")
+
+
+async def measure(args, service: Service, prompts: list[str], train_rows: list[dict]) -> Raw:
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+    load = LoadClient(service.url, args)
+    async with httpx.AsyncClient(base_url=service.url, timeout=120, limits=limits) as client:
+        await prepare_user_adapters(client, prompts, args)
+        await load.open_loop("warmup", prompts, [0.0])  # start the client process before anything is timed
+        print("calibrating: closed loop, streaming completions alone ...", flush=True)
+        calibration = await load.closed_loop(prompts, args.calibrate_concurrency, args.calibrate_warmup_s, args.calibrate_s)
+        rate = args.load_fraction * calibration["completions_per_s"]
+        duration = min(args.max_phase_s, max(args.min_phase_s, args.requests_per_phase / rate))
+        offsets = poisson_offsets(rate, duration, args.seed)  # the same arrivals in both user phases
+        print(
+            f"capacity {calibration['completions_per_s']:.1f} completions/s at concurrency {args.calibrate_concurrency}; "
+            f"load {rate:.2f}/s ({args.load_fraction:.0%}): {len(offsets)} requests per user phase over {duration:.0f} s",
+            flush=True,
+        )
+        await asyncio.sleep(args.pause_s)
+
+        runtime_rows: list[dict] = []
+        stalls = StallMonitor()
+        cpu = ProcessCpu()
+        stop_sampling = asyncio.Event()
+        sampler = asyncio.create_task(sample_runtime(service.runtime, runtime_rows, stop_sampling, 0.25))
+        stall_task = asyncio.create_task(stalls.run(stop_sampling))
+        phases: dict[str, tuple[float, float]] = {}
+        client_stats: dict[str, dict] = {}
+        samples: list[UserSample] = []
+        job_ids: dict[str, str] = {}
+        try:
+            print("phase users: users alone ...", flush=True)
+            cpu.mark("users_start")
+            t0, got, client_stats["users"] = await load.open_loop("users", prompts, offsets)
+            cpu.mark("users_end")
+            phases["users"] = (t0, t0 + duration)
+            samples += got
+            if args.target_ttft_ms is None and args.target_from_users is not None:
+                alone = [r["server_ttft_p95_ms"] for r in runtime_rows if t0 <= r["t"] and r["server_ttft_p95_ms"]]
+                target_ms = args.target_from_users * float(np.median(alone))
+                service.runtime.coscheduler.set_target_ttft_ms(target_ms)
+                args.target_ttft_ms = target_ms
+                print(f"co-scheduler target: {target_ms:.0f} ms p95 TTFT ({args.target_from_users} x users-alone median p95)")
+
+            for adapter, weight in JOBS:
+                body = job_body(adapter, weight, 1_000_000, args.zo_batch_size, args.zo_q, train_rows)
+                job_ids[adapter] = await create_job(client, body)
+            for job_id in job_ids.values():
+                await wait_job(client, job_id, lambda j: j["status"] == "running" and j["step"] >= args.zo_warmup_steps, 600)
+
+            print("phase zo: the two jobs alone ...", flush=True)
+            t0 = time.time()
+            cpu.mark("zo_start")
+            await asyncio.sleep(duration)
+            cpu.mark("zo_end")
+            phases["zo"] = (t0, t0 + duration)
+
+            print("phase together: users and the two jobs ...", flush=True)
+            cpu.mark("together_start")
+            t0, got, client_stats["together"] = await load.open_loop("together", prompts, offsets)
+            cpu.mark("together_end")
+            phases["together"] = (t0, t0 + duration)
+            samples += got
+
+            steps_by_job, job_states = {}, {}
+            for adapter, weight in JOBS:
+                steps_by_job[adapter] = (weight, (await client.get(f"/v1/jobs/{job_ids[adapter]}/metrics")).json()["steps"])
+                job_states[adapter] = (await client.get(f"/v1/jobs/{job_ids[adapter]}")).json()["status"]
+        finally:
+            stop_sampling.set()
+            await sampler
+            await stall_task
+            for job_id in job_ids.values():
+                await client.post(f"/v1/jobs/{job_id}/cancel")
+        try:
+            await service.runtime.binding.check_health()
+            engine_healthy = True
+        except Exception as exc:  # noqa: BLE001 - any failure here means the engine is gone
+            print(f"engine health check failed: {type(exc).__name__}: {exc}", flush=True)
+            engine_healthy = False
+    load.close()
+    return Raw(
+        calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy, stalls,
+        client_stats, {phase: cpu.view(f"{phase}_start", f"{phase}_end") for phase in ("users", "zo", "together")},
+    )
+
+
+async def run(args) -> tuple[dict, Raw]:
+    deaths = EngineDeathCounter()
+    logging.getLogger().addHandler(deaths)
+    prompts = [f"{ex.text} It was" for ex in load_sst2("dev")]
+    random.Random(args.seed).shuffle(prompts)
+    train_rows = _rows("train", 512)
+    data_dir = Path(tempfile.mkdtemp(prefix="zoserve-coserve-"))
+    settings = Settings(
+        data_dir=data_dir, tiny_model=args.model, dtype=args.dtype, num_slots=args.num_slots, metrics_refresh_s=1.0,
+        **({"coscheduler_target_ttft_ms": args.target_ttft_ms} if args.target_ttft_ms is not None else {}),
+        **({"coscheduler_chunk_tokens": args.chunk_tokens} if args.chunk_tokens is not None else {}),
+        **({"coscheduler_min_chunks_in_flight": args.min_chunks} if args.min_chunks is not None else {}),
+        **({"cpu_threads": args.cpu_threads} if args.cpu_threads is not None else {}),
+        coscheduler_hold_chunks_while_users_wait=not args.no_hold,
+        shm_busy_loop_s=args.shm_busy_loop_s,
+        probe_lane=not args.no_probe_lane,
+        step_gate_tokens_with_users=args.step_gate_tokens,
+        **({"step_gate_tokens_with_user_prefill": args.step_gate_prefill_tokens}
+           if args.step_gate_prefill_tokens is not None else {}),
+    )
+    started = time.time()
+    # The benchmark starts the engine itself (as the tests do) so that engine arguments the service settings
+    # do not expose yet can be varied; otherwise it is exactly the engine `zoserve serve` builds.
+    config = engine_config(settings)
+    if args.max_num_batched_tokens is not None:
+        config = dataclasses.replace(config, max_num_batched_tokens=args.max_num_batched_tokens)
+    binding = await EngineBinding.start(config, data_dir / "engine")
+    try:
+        async with Service(settings, binding) as service:
+            print(f"service up on {service.url} in {time.time() - started:.1f} s", flush=True)
+            raw = await measure(args, service, prompts, train_rows)
+    finally:
+        binding.shutdown()
+    result = summarise(args, raw, config, deaths.count)
+    result["wall_s"] = time.time() - started
+    return result, raw

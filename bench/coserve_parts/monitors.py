@@ -1,0 +1,126 @@
+"""What a run watches besides the requests: event-loop stalls and GC pauses, CPU per process, the
+co-scheduler's state over time, and log records of a dead engine."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+
+
+class EngineDeathCounter(logging.Handler):
+    """Counts log records that report a dead engine (vLLM's EngineDeadError), whoever logs them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc_type = record.exc_info[0] if record.exc_info else None
+        if (exc_type is not None and exc_type.__name__ == "EngineDeadError") or "EngineDead" in record.getMessage():
+            self.count += 1
+
+
+class StallMonitor:
+    """Where the service process stalls: event-loop lag (a 5 ms sleep that wakes late) and GC pauses.
+
+    Everything on the server side (HTTP, vLLM output processing, step loops, commits) shares one event loop,
+    so a stall of that loop delays every user's first token by its length."""
+
+    def __init__(self) -> None:
+        self.loop_lags: list[tuple[float, float]] = []  # (wall time, lag ms) for lags above 5 ms
+        self.gc_pauses: list[tuple[float, int, float]] = []  # (wall time, generation, ms)
+        self._gc_started: float | None = None
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self.gc_pauses.append((time.time(), info["generation"], (time.perf_counter() - self._gc_started) * 1e3))
+            self._gc_started = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        gc.callbacks.append(self._on_gc)
+        try:
+            while not stop.is_set():
+                before = time.perf_counter()
+                await asyncio.sleep(0.005)
+                lag_ms = (time.perf_counter() - before) * 1e3 - 5.0
+                if lag_ms > 5.0:
+                    self.loop_lags.append((time.time(), lag_ms))
+        finally:
+            gc.callbacks.remove(self._on_gc)
+
+    def view(self, a: float, b: float) -> dict:
+        lags = sorted(ms for t, ms in self.loop_lags if a <= t < b)
+        pauses = [(g, ms) for t, g, ms in self.gc_pauses if a <= t < b]
+        gen2 = [ms for g, ms in pauses if g == 2]
+        return {
+            "loop_lags_over_5ms": len(lags),
+            "loop_lag_max_ms": lags[-1] if lags else 0.0,
+            "loop_lags_over_50ms": sum(1 for ms in lags if ms > 50),
+            "loop_lag_over_5ms_total_s": sum(lags) / 1000.0,
+            "gc_pauses": len(pauses),
+            "gc_pause_max_ms": max((ms for _, ms in pauses), default=0.0),
+            "gc_gen2_pauses": len(gen2),
+            "gc_gen2_pause_total_ms": sum(gen2),
+        }
+
+
+class ProcessCpu:
+    """CPU seconds per process of this run (the service with its AsyncLLM front end here, vLLM's engine-core and
+    worker processes, the load generator) at phase boundaries: which process takes the cores in which phase."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._me = psutil.Process()
+        self.marks: dict[str, dict[str, float]] = {}
+
+    def _names(self) -> dict[str, float]:
+        import psutil
+
+        totals: dict[str, float] = {}
+        for proc in [self._me, *self._me.children(recursive=True)]:
+            try:
+                name = "service" if proc.pid == self._me.pid else proc.name()
+                if "python" in name:
+                    name = "load_generator"
+                times = proc.cpu_times()
+                totals[name] = totals.get(name, 0.0) + times.user + times.system
+            except psutil.Error:
+                continue
+        return totals
+
+    def mark(self, label: str) -> None:
+        self.marks[label] = {"t": time.time(), **self._names()}
+
+    def view(self, start: str, end: str) -> dict[str, float]:
+        a, b = self.marks.get(start), self.marks.get(end)
+        if a is None or b is None:
+            return {}
+        elapsed = b["t"] - a["t"]
+        return {k: round((b[k] - a.get(k, 0.0)) / elapsed, 3) for k in b if k != "t"}
+
+
+async def sample_runtime(runtime, rows: list[dict], stop: asyncio.Event, interval_s: float) -> None:
+    """The co-scheduler's view over time (budget, its own p95 TTFT, queues), for the plot and the reading."""
+    while not stop.is_set():
+        stats = runtime.stats()
+        record = runtime.coscheduler.latest_record
+        rows.append({
+            "t": time.time(),
+            "budget_tokens": stats.train_budget_tokens,
+            "server_ttft_p95_ms": None if stats.user_latency_s is None else stats.user_latency_s * 1000.0,
+            "zo_inflight": stats.zo_inflight,
+            "zo_waiting": stats.zo_waiting,
+            "user_waiting": stats.user_waiting,
+            "user_running": stats.user_running,
+            "probe_tokens_in_flight": runtime.coscheduler.snapshot().num_probe_tokens_in_flight,  # live, not the last round
+            "budget_reason": record.budget_reason if record else None,
+        })
+        try:
+            await asyncio.wait_for(stop.wait(), interval_s)
+        except TimeoutError:
+            pass

@@ -1,0 +1,160 @@
+"""Summaries of a run: user latency, ZO step rates and token shares per phase, the figures and the JSON result."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from coserve_parts.load import UserSample
+    from coserve_parts.measure import Raw
+
+TARGETS = {"user_ttft_p99_ratio": ("<=", 1.25), "zo_steps_ratio": (">=", 0.5), "fair_share_error": ("<=", 0.10)}
+PAPER_TTFT_P99_INCREASE = "+215% to +695%"  # the seed paper's serving variant, throughput kept
+SENT_LATE_S = 0.020  # a request the load generator sent more than this after its scheduled arrival
+
+
+def _pct(values_s, q: float) -> float | None:
+    values = [v for v in values_s if v is not None]
+    return float(np.percentile(values, q) * 1000.0) if values else None
+
+
+def user_summary(samples: list[UserSample], duration_s: float) -> dict:
+    ok = [s for s in samples if s.error is None and s.ttft_s is not None]
+    return {
+        "num_requests": len(samples),
+        "num_errors": sum(1 for s in samples if s.error),
+        # Sampled end-of-text first (one output token, no text): no TTFT to count, not a service error.
+        "num_without_text": sum(1 for s in samples if not s.error and s.ttft_s is None),
+        "errors": sorted({s.error for s in samples if s.error})[:5],
+        "offered_rate_per_s": len(samples) / duration_s,
+        "ttft_p50_ms": _pct([s.ttft_s for s in ok], 50),
+        "ttft_p90_ms": _pct([s.ttft_s for s in ok], 90),
+        "ttft_p99_ms": _pct([s.ttft_s for s in ok], 99),
+        "e2e_p50_ms": _pct([s.e2e_s for s in ok], 50),
+        "e2e_p99_ms": _pct([s.e2e_s for s in ok], 99),
+        "send_lag_p99_ms": _pct([s.send_lag_s for s in samples], 99),
+        # Diagnostic only (the targets use every request): the load generator is a separate process, so a
+        # request it sent late was held up by the machine, not (only) by the server.
+        "num_sent_late": sum(1 for s in samples if s.send_lag_s > SENT_LATE_S),
+        "ttft_p99_ms_sent_on_time": _pct([s.ttft_s for s in ok if s.send_lag_s <= SENT_LATE_S], 99),
+        "mean_output_tokens": float(np.mean([s.num_output_tokens for s in ok])) if ok else None,
+    }
+
+
+def zo_summary(steps_by_job: dict[str, tuple[float, list[dict]]], t0: float, t1: float) -> dict:
+    duration = t1 - t0
+    jobs = {}
+    for adapter, (weight, steps) in steps_by_job.items():
+        inside = [m for m in steps if t0 <= m["time"] < t1]
+        jobs[adapter] = {
+            "weight": weight,
+            "num_steps": len(inside),
+            "steps_per_s": len(inside) / duration,
+            "num_tokens": sum(m["num_tokens"] for m in inside),
+            "step_s_median": float(np.median([m["duration_s"] for m in inside])) if inside else None,
+        }
+    total_tokens = sum(j["num_tokens"] for j in jobs.values())
+    total_weight = sum(j["weight"] for j in jobs.values())
+    for j in jobs.values():
+        j["token_share"] = j["num_tokens"] / total_tokens if total_tokens else None
+        j["fair_share"] = j["weight"] / total_weight
+    heavy = max(jobs.values(), key=lambda j: j["weight"])
+    return {
+        "duration_s": duration,
+        "steps_per_s": sum(j["steps_per_s"] for j in jobs.values()),
+        "num_tokens": total_tokens,
+        "tokens_per_s": total_tokens / duration,
+        "fair_share_error": abs(heavy["token_share"] - heavy["fair_share"]) if total_tokens else None,
+        "jobs": jobs,
+    }
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _meets(key: str, value) -> bool | None:
+    if value is None:
+        return None
+    op, bound = TARGETS[key]
+    return value <= bound if op == "<=" else value >= bound
+
+
+def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
+    users = user_summary([s for s in raw.samples if s.phase == "users"], raw.phase_s)
+    together = user_summary([s for s in raw.samples if s.phase == "together"], raw.phase_s)
+    users["load_generator"] = raw.client_stats.get("users")
+    together["load_generator"] = raw.client_stats.get("together")
+    zo_alone = zo_summary(raw.steps_by_job, *raw.phases["zo"])
+    zo_together = zo_summary(raw.steps_by_job, *raw.phases["together"])
+    t0, t1 = raw.phases["together"]
+    user_tokens = sum(
+        s.num_prompt_tokens + s.num_output_tokens for s in raw.samples if s.phase == "together" and t0 <= s.done_s < t1
+    )
+    all_tokens = zo_together["num_tokens"] + user_tokens
+    fair_errors = [e for e in (zo_alone["fair_share_error"], zo_together["fair_share_error"]) if e is not None]
+    figures = {
+        "user_ttft_p99_ratio": _ratio(together["ttft_p99_ms"], users["ttft_p99_ms"]),
+        "user_ttft_p99_ratio_sent_on_time": _ratio(together["ttft_p99_ms_sent_on_time"], users["ttft_p99_ms_sent_on_time"]),
+        "user_e2e_p99_ratio": _ratio(together["e2e_p99_ms"], users["e2e_p99_ms"]),
+        "zo_steps_ratio": _ratio(zo_together["steps_per_s"], zo_alone["steps_per_s"]),
+        "zo_token_share": zo_together["num_tokens"] / all_tokens if all_tokens else None,
+        "fair_share_error": max(fair_errors) if fair_errors else None,
+    }
+
+    def controller_view(a: float, b: float) -> dict:
+        rows = [r for r in raw.runtime_rows if a <= r["t"] < b]
+
+        def median(key: str) -> float | None:
+            values = [r[key] for r in rows if r[key] is not None]
+            return float(np.median(values)) if values else None
+
+        reasons: dict[str, int] = {}
+        for r in rows:
+            if r["budget_reason"]:
+                reasons[r["budget_reason"]] = reasons.get(r["budget_reason"], 0) + 1
+        return {
+            **raw.stalls.view(a, b),
+            "budget_tokens_median": median("budget_tokens"),
+            "probe_tokens_in_flight_median": median("probe_tokens_in_flight"),
+            "server_ttft_p95_ms_median": median("server_ttft_p95_ms"),
+            "budget_reason_samples": reasons,
+        }
+
+    return {
+        "benchmark": "coserve",
+        **figures,
+        "targets": {k: f"{op} {bound}" for k, (op, bound) in TARGETS.items()},
+        "targets_met": {k: _meets(k, figures[k]) for k in TARGETS},
+        "fair_share_error_by_phase": {"zo": zo_alone["fair_share_error"], "together": zo_together["fair_share_error"]},
+        "paper_ttft_p99_increase": PAPER_TTFT_P99_INCREASE,
+        "engine_dead_errors": num_engine_deaths,
+        "engine_healthy_at_end": raw.engine_healthy,
+        "user_errors": users["num_errors"] + together["num_errors"],
+        "jobs_status_before_cancel": raw.job_states,
+        "config": {
+            "model": args.model, "dtype": args.dtype, "num_slots": args.num_slots, "output_tokens": args.output_tokens,
+            "load_fraction": args.load_fraction, "rate_per_s": raw.rate_per_s, "phase_s": raw.phase_s, "seed": args.seed,
+            "zo_batch_size": args.zo_batch_size, "zo_num_directions": args.zo_q,
+            "coscheduler_target_ttft_ms": args.target_ttft_ms if args.target_ttft_ms is not None else "service default",
+            "coscheduler_chunk_tokens": args.chunk_tokens if args.chunk_tokens is not None else "service default",
+            "coscheduler_min_chunks_in_flight": args.min_chunks if args.min_chunks is not None else "service default",
+            "coscheduler_hold_chunks_while_users_wait": not args.no_hold,
+            "shm_busy_loop_s": "vllm default (1 s)" if args.shm_busy_loop_s is None else args.shm_busy_loop_s,
+            "cpu_threads": args.cpu_threads if args.cpu_threads is not None else "service default (cores - 1)",
+            "step_gate": engine.step_gate.to_dict() if engine.step_gate else "off (vLLM's scheduler)",
+            "probe_lane": engine.probe_lane,
+            "max_num_batched_tokens": engine.max_num_batched_tokens, "max_num_seqs": engine.max_num_seqs,
+        },
+        "calibration": raw.calibration,
+        "phases": {
+            "users": {"users": users, "controller": controller_view(*raw.phases["users"]), "cpu": raw.cpu_by_phase["users"]},
+            "zo": {"zo": zo_alone, "controller": controller_view(*raw.phases["zo"]), "cpu": raw.cpu_by_phase["zo"]},
+            "together": {
+                "users": together, "zo": zo_together, "user_tokens": user_tokens,
+                "controller": controller_view(*raw.phases["together"]), "cpu": raw.cpu_by_phase["together"],
+            },
+        },
+    }
