@@ -23,6 +23,8 @@ class CoSchedulerConfig:
 
     # The budget's floor, in chunks: two keep one chunk in the forward while the next waits in vLLM's queue,
     # so even at the floor every forward can carry one chunk (one chunk alone idles every other forward).
+    # The service runs with a deeper floor (Settings.coscheduler_min_chunks_in_flight, 16): behind the
+    # engine's per-step gate the floor only decides how many admitted probes wait for the gate to take.
     min_chunks_in_flight: int = 2
 
     def controller(self) -> ControllerConfig:
