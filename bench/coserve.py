@@ -78,6 +78,9 @@ def print_summary(result: dict) -> None:
         print(f"{key:20s} {_fmt(result[key])}{note}")
     print(f"diagnostic: TTFT p99 ratio over requests the load generator sent on time (<= {SENT_LATE_S * 1000:.0f} ms late): "
           f"{_fmt(result['user_ttft_p99_ratio_sent_on_time'])}")
+    for name in ("users", "together"):
+        stages = result["phases"][name]["users"].get("ttft_stages_ms_mean") or {}
+        print(f"TTFT stages (server, mean ms), {name:9s} " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     for name in ("users", "zo", "together"):
         cpu = result["phases"][name]["cpu"]
         print(f"CPU s/s, {name:9s} " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())))

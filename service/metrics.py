@@ -37,6 +37,7 @@ __all__ = [
     "SLOT_USES",
     "STEP_BUCKETS_S",
     "TOKEN_CLASSES",
+    "TTFT_STAGES",
     "ZoMetrics",
     "check_metric_names",
     "registered_families",
@@ -50,6 +51,7 @@ TOKEN_CLASSES: Final = ("serve", "train")
 SLOT_USES: Final = ("probe", "serving", "pinned_version", "free")
 BUDGET_REASONS: Final = tuple(reason.value for reason in BudgetReason)
 QUEUES: Final = ("user_waiting", "user_running", "zo_waiting", "zo_inflight")
+TTFT_STAGES: Final = ("handler", "to_engine", "engine_wait", "first_forward", "to_service")
 DEFAULT_JOB_STATES: Final = ("pending", "running", "paused", "succeeded", "failed", "cancelled")
 # Route templates, never raw paths: a path label would be unbounded (scanners, typos, adapter names in URLs).
 DEFAULT_ROUTES: Final = (
@@ -69,6 +71,8 @@ OTHER_ROUTE: Final = "other"
 # User latency on CPU (tiny model) is tens of ms to seconds; on GPU a few ms to tens of seconds for long
 # generations. Roughly 2.5x apart, 5 ms .. 60 s.
 LATENCY_BUCKETS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)
+# The stages of one TTFT are a forward or an IPC hop: milliseconds.
+STAGE_BUCKETS_S: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 # One ZO step (2q x B scoring sequences + update + commit): ~10 ms on GPU for tiny adapters, minutes on CPU
 # for the OPT-125m shape.
 STEP_BUCKETS_S: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
@@ -87,6 +91,7 @@ METRIC_NAMES: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
     "zoserve_training_jobs": ("gauge", ("state",)),
     "zoserve_http_requests_total": ("counter", ("route", "code_class")),
     "zoserve_request_ttft_seconds": ("histogram", ("adapter_class",)),
+    "zoserve_request_ttft_stage_seconds": ("histogram", ("stage",)),
     "zoserve_request_duration_seconds": ("histogram", ("adapter_class",)),
     "zoserve_cosched_train_budget_tokens": ("gauge", ()),
     "zoserve_cosched_user_latency_seconds": ("gauge", ()),
@@ -211,6 +216,14 @@ class ZoMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self._ttft_stage = Histogram(
+            "zoserve_request_ttft_stage_seconds",
+            "Where user time to first token goes: handler (arrival to submission), to_engine (into vLLM's queue), "
+            "engine_wait (queued to first scheduled), first_forward (scheduled to first token), to_service (back).",
+            ["stage"],
+            buckets=STAGE_BUCKETS_S,
+            registry=r,
+        )
         self._request_duration = Histogram(
             "zoserve_request_duration_seconds",
             "User request end-to-end latency, arrival to last token.",
@@ -329,6 +342,23 @@ class ZoMetrics:
         if ttft_s is not None:
             self._ttft.labels(adapter_class=adapter_class).observe(ttft_s)
         self._request_duration.labels(adapter_class=adapter_class).observe(duration_s)
+
+    def observe_ttft_stages(self, stages_s: Mapping[str, float]) -> None:
+        for stage, seconds in stages_s.items():
+            _check_enum("stage", stage, TTFT_STAGES)
+            self._ttft_stage.labels(stage=stage).observe(max(0.0, seconds))
+
+    def ttft_stage_totals(self) -> dict[str, tuple[float, float]]:
+        """stage -> (sum of seconds, count) so far; the difference of two readings gives a window's means."""
+        totals: dict[str, tuple[float, float]] = {}
+        for metric in self._ttft_stage.collect():
+            for sample in metric.samples:
+                stage = sample.labels.get("stage")
+                if sample.name.endswith("_sum"):
+                    totals[stage] = (sample.value, totals.get(stage, (0.0, 0.0))[1])
+                elif sample.name.endswith("_count"):
+                    totals[stage] = (totals.get(stage, (0.0, 0.0))[0], sample.value)
+        return totals
 
     # ---- co-scheduler and engine state (once per planning round)
 

@@ -42,6 +42,7 @@ class Raw:
     stalls: StallMonitor
     client_stats: dict[str, dict]  # phase -> the load generator's own event-loop lags
     cpu_by_phase: dict[str, dict[str, float]]  # phase -> process -> CPU seconds per second
+    ttft_stages_by_phase: dict[str, dict[str, float]]  # user phase -> TTFT stage -> mean ms (server side)
 
 
 async def prepare_user_adapters(client, prompts: list[str], args) -> None:
@@ -84,13 +85,28 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         client_stats: dict[str, dict] = {}
         samples: list[UserSample] = []
         job_ids: dict[str, str] = {}
+        stage_means: dict[str, dict[str, float]] = {}
+        metrics = service.app.state.metrics
+
+        async def user_phase(name: str) -> float:
+            """The arrival sequence once, from the load generator; returns the phase's wall start."""
+            cpu.mark(f"{name}_start")
+            before = metrics.ttft_stage_totals()
+            t0, got, client_stats[name] = await load.open_loop(name, prompts, offsets)
+            after = metrics.ttft_stage_totals()
+            cpu.mark(f"{name}_end")
+            stage_means[name] = {
+                stage: 1000.0 * (total - before.get(stage, (0.0, 0.0))[0]) / (count - before.get(stage, (0.0, 0.0))[1])
+                for stage, (total, count) in after.items()
+                if count > before.get(stage, (0.0, 0.0))[1]
+            }
+            phases[name] = (t0, t0 + duration)
+            samples.extend(got)
+            return t0
+
         try:
             print("phase users: users alone ...", flush=True)
-            cpu.mark("users_start")
-            t0, got, client_stats["users"] = await load.open_loop("users", prompts, offsets)
-            cpu.mark("users_end")
-            phases["users"] = (t0, t0 + duration)
-            samples += got
+            t0 = await user_phase("users")
             if args.target_ttft_ms is None and args.target_from_users is not None:
                 alone = [r["server_ttft_p95_ms"] for r in runtime_rows if t0 <= r["t"] and r["server_ttft_p95_ms"]]
                 target_ms = args.target_from_users * float(np.median(alone))
@@ -112,11 +128,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
             phases["zo"] = (t0, t0 + duration)
 
             print("phase together: users and the two jobs ...", flush=True)
-            cpu.mark("together_start")
-            t0, got, client_stats["together"] = await load.open_loop("together", prompts, offsets)
-            cpu.mark("together_end")
-            phases["together"] = (t0, t0 + duration)
-            samples += got
+            await user_phase("together")
 
             steps_by_job, job_states = {}, {}
             for adapter, weight in JOBS:
@@ -138,6 +150,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
     return Raw(
         calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy, stalls,
         client_stats, {phase: cpu.view(f"{phase}_start", f"{phase}_end") for phase in ("users", "zo", "together")},
+        stage_means,
     )
 
 

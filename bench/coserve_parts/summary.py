@@ -86,7 +86,9 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
     users = user_summary([s for s in raw.samples if s.phase == "users"], raw.phase_s)
     together = user_summary([s for s in raw.samples if s.phase == "together"], raw.phase_s)
     users["load_generator"] = raw.client_stats.get("users")
+    users["ttft_stages_ms_mean"] = raw.ttft_stages_by_phase.get("users")
     together["load_generator"] = raw.client_stats.get("together")
+    together["ttft_stages_ms_mean"] = raw.ttft_stages_by_phase.get("together")
     zo_alone = zo_summary(raw.steps_by_job, *raw.phases["zo"])
     zo_together = zo_summary(raw.steps_by_job, *raw.phases["together"])
     t0, t1 = raw.phases["together"]

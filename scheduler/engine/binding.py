@@ -34,12 +34,23 @@ _SELF_TEST_KEY = "__self_test__"
 
 
 @dataclass(frozen=True)
+class EngineTimes:
+    """Where a request's first token came from, in the engine core's monotonic clock (time.monotonic(), the
+    same clock in every process of this machine): entered vLLM's queue, first scheduled, first token out."""
+
+    queued_s: float
+    scheduled_s: float
+    first_token_s: float
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     token_ids: tuple[int, ...]  # cumulative output token ids
     text: str  # cumulative text
     finished: bool
     finish_reason: str | None
     num_prompt_tokens: int
+    engine_times: EngineTimes | None = None  # once the engine reports them (it does with stats on)
 
 
 class EngineBinding:
@@ -272,7 +283,13 @@ class EngineBinding:
                 output.finished,
                 completion.finish_reason,
                 len(output.prompt_token_ids or ()),
+                _engine_times(output.metrics),
             )
+
+
+def _engine_times(stats) -> EngineTimes | None:
+    queued, scheduled, first = (getattr(stats, k, 0.0) for k in ("queued_ts", "scheduled_ts", "first_token_ts"))
+    return EngineTimes(queued, scheduled, first) if queued and scheduled and first else None
 
 
 def _token_input(token_ids: Sequence[int], salt: str):

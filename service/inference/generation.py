@@ -16,7 +16,7 @@ from fastapi import Request
 
 from adapters_store import errors as store
 from scheduler import errors as sched
-from scheduler.engine.binding import GenerationChunk
+from scheduler.engine.binding import EngineTimes, GenerationChunk
 from scheduler.runtime import Runtime
 from service.errors import NotFound, ServiceError
 from service.inference.schemas import _Sampling
@@ -48,6 +48,7 @@ class Generation:
     async def chunks(self) -> AsyncIterator[GenerationChunk]:
         """Engine chunks (cumulative text); closes the lease and records metrics when done or dropped."""
         ttft_s, final = None, None
+        entered_s, handler_s = time.monotonic(), time.perf_counter() - self._started
         self._inflight[0] += 1
         lane = self._runtime.binding.probe_lane
         hold = lane.hold() if lane is not None else None  # probe submissions pause until our first token
@@ -68,6 +69,7 @@ class Generation:
                     if ttft_s is None and chunk.token_ids:
                         ttft_s = time.perf_counter() - self._started
                         tracked.first_token()
+                        self._observe_stages(handler_s, entered_s, chunk.engine_times)
                     tracked.num_output_tokens = len(chunk.token_ids)
                     final = chunk
                     yield chunk
@@ -82,6 +84,18 @@ class Generation:
             )
             if final is not None:
                 self._metrics.count_tokens("serve", final.num_prompt_tokens + len(final.token_ids))
+
+
+    def _observe_stages(self, handler_s: float, entered_s: float, times: EngineTimes | None) -> None:
+        if times is None:
+            return
+        self._metrics.observe_ttft_stages({
+            "handler": handler_s,
+            "to_engine": times.queued_s - entered_s,
+            "engine_wait": times.scheduled_s - times.queued_s,
+            "first_forward": times.first_token_s - times.scheduled_s,
+            "to_service": time.monotonic() - times.first_token_s,
+        })
 
 
 async def open_generation(request: Request, body: _Sampling, prompt: str, max_tokens: int, prefix: str) -> Generation:

@@ -29,6 +29,8 @@ def fed_metrics() -> ZoMetrics:
     m.observe_http_request("/v1/jobs/{job_id}", 404)
     for adapter_class in ADAPTER_CLASSES:
         m.observe_user_request(adapter_class, duration_s=0.3, ttft_s=0.04)
+    m.observe_ttft_stages({"handler": 0.001, "to_engine": 0.002, "engine_wait": 0.004, "first_forward": 0.005,
+                           "to_service": 0.001})
     m.set_cosched(train_budget_tokens=4096, user_latency_s=0.12, target_latency_s=0.2)
     m.set_cosched_detail(budget_reason="hold_band", job_token_shares={"sst2-lora": 0.4, "other": 0.6})
     m.set_lora_slots(probe=4, serving=2, pinned_version=1, free=1)
@@ -115,6 +117,7 @@ def test_unknown_routes_collapse_to_other_and_codes_to_classes() -> None:
         lambda m: m.count_tokens("probe", 1),
         lambda m: m.count_tokens("train", -1),
         lambda m: m.observe_user_request("sst2@3", duration_s=0.1),
+        lambda m: m.observe_ttft_stages({"queueing": 0.1}),
         lambda m: m.set_jobs_by_state({"exploded": 1}),
         lambda m: m.set_eval_accuracy("a", 1.5),
         lambda m: m.observe_http_request("/v1/models", 42),
@@ -144,3 +147,15 @@ def test_cosched_detail_marks_one_reason_and_drops_ended_jobs() -> None:
     text = m.exposition().decode()
     assert 'zoserve_cosched_job_token_share_ratio{adapter="sst2-lora"} 1.0' in text
     assert 'adapter="other"' not in text.split("zoserve_cosched_job_token_share_ratio")[-1]
+
+
+def test_ttft_stage_totals_give_window_means() -> None:
+    m = ZoMetrics(CollectorRegistry())
+    assert m.ttft_stage_totals() == {}
+    m.observe_ttft_stages({"engine_wait": 0.004, "first_forward": 0.006})
+    before = m.ttft_stage_totals()
+    m.observe_ttft_stages({"engine_wait": 0.010, "first_forward": 0.002})
+    m.observe_ttft_stages({"engine_wait": 0.020, "first_forward": -0.001})  # clock jitter: counted as 0
+    after = m.ttft_stage_totals()
+    window = {k: (after[k][0] - before[k][0]) / (after[k][1] - before[k][1]) for k in after}
+    assert window == pytest.approx({"engine_wait": 0.015, "first_forward": 0.001})
