@@ -85,7 +85,6 @@ class Generation:
             if final is not None:
                 self._metrics.count_tokens("serve", final.num_prompt_tokens + len(final.token_ids))
 
-
     def _observe_stages(self, handler_s: float, entered_s: float, times: EngineTimes | None) -> None:
         if times is None:
             return
