@@ -79,8 +79,10 @@ def print_summary(result: dict) -> None:
     print(f"diagnostic: TTFT p99 ratio over requests the load generator sent on time (<= {SENT_LATE_S * 1000:.0f} ms late): "
           f"{_fmt(result['user_ttft_p99_ratio_sent_on_time'])}")
     for name in ("users", "together"):
-        stages = result["phases"][name]["users"].get("ttft_stages_ms_mean") or {}
-        print(f"TTFT stages (server, mean ms), {name:9s} " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+        stages = result["phases"][name]["users"].get("ttft_stages") or {}
+        for key in ("mean_ms", "slowest_1pct_mean_ms"):
+            values = stages.get(key, {})
+            print(f"TTFT stages, server, {name:8s} {key:20s} " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
     for name in ("users", "zo", "together"):
         cpu = result["phases"][name]["cpu"]
         print(f"CPU s/s, {name:9s} " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())))
@@ -108,6 +110,10 @@ def main() -> None:
     parser.add_argument(
         "--target-from-users", type=float, default=1.2,
         help="without --target-ttft-ms: set the co-scheduler target to this x the server-side p95 TTFT measured in the users-alone phase",
+    )
+    parser.add_argument(
+        "--pin-worker-cpus", type=int, nargs="*", default=None,
+        help="pin vLLM's worker to these cores and every other process of the run to the rest",
     )
     parser.add_argument("--cpu-threads", type=int, default=None, help="the engine's OpenMP threads (default: the service's, every core but one)")
     parser.add_argument(

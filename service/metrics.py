@@ -348,18 +348,6 @@ class ZoMetrics:
             _check_enum("stage", stage, TTFT_STAGES)
             self._ttft_stage.labels(stage=stage).observe(max(0.0, seconds))
 
-    def ttft_stage_totals(self) -> dict[str, tuple[float, float]]:
-        """stage -> (sum of seconds, count) so far; the difference of two readings gives a window's means."""
-        totals: dict[str, tuple[float, float]] = {}
-        for metric in self._ttft_stage.collect():
-            for sample in metric.samples:
-                stage = sample.labels.get("stage")
-                if sample.name.endswith("_sum"):
-                    totals[stage] = (sample.value, totals.get(stage, (0.0, 0.0))[1])
-                elif sample.name.endswith("_count"):
-                    totals[stage] = (totals.get(stage, (0.0, 0.0))[0], sample.value)
-        return totals
-
     # ---- co-scheduler and engine state (once per planning round)
 
     def set_cosched(self, *, train_budget_tokens: int, user_latency_s: float, target_latency_s: float) -> None:

@@ -21,7 +21,9 @@ from service.settings import Settings
 
 from coserve_parts.jobs import JOBS, _rows, create_job, job_body, wait_job
 from coserve_parts.load import USER_ADAPTERS, LoadClient, UserSample, one_request, poisson_offsets
-from coserve_parts.monitors import EngineDeathCounter, ProcessCpu, StallMonitor, sample_runtime
+from coserve_parts.monitors import (
+    EngineDeathCounter, ProcessCpu, StageRecorder, StallMonitor, pin_worker, sample_runtime,
+)
 from coserve_parts.service import Service
 from coserve_parts.summary import summarise
 
@@ -42,7 +44,7 @@ class Raw:
     stalls: StallMonitor
     client_stats: dict[str, dict]  # phase -> the load generator's own event-loop lags
     cpu_by_phase: dict[str, dict[str, float]]  # phase -> process -> CPU seconds per second
-    ttft_stages_by_phase: dict[str, dict[str, float]]  # user phase -> TTFT stage -> mean ms (server side)
+    ttft_stages_by_phase: dict[str, dict]  # user phase -> StageRecorder.view (server-side TTFT stages)
 
 
 async def prepare_user_adapters(client, prompts: list[str], args) -> None:
@@ -85,21 +87,13 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         client_stats: dict[str, dict] = {}
         samples: list[UserSample] = []
         job_ids: dict[str, str] = {}
-        stage_means: dict[str, dict[str, float]] = {}
-        metrics = service.app.state.metrics
+        stages = StageRecorder(service.app.state.metrics)
 
         async def user_phase(name: str) -> float:
             """The arrival sequence once, from the load generator; returns the phase's wall start."""
             cpu.mark(f"{name}_start")
-            before = metrics.ttft_stage_totals()
             t0, got, client_stats[name] = await load.open_loop(name, prompts, offsets)
-            after = metrics.ttft_stage_totals()
             cpu.mark(f"{name}_end")
-            stage_means[name] = {
-                stage: 1000.0 * (total - before.get(stage, (0.0, 0.0))[0]) / (count - before.get(stage, (0.0, 0.0))[1])
-                for stage, (total, count) in after.items()
-                if count > before.get(stage, (0.0, 0.0))[1]
-            }
             phases[name] = (t0, t0 + duration)
             samples.extend(got)
             return t0
@@ -150,7 +144,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
     return Raw(
         calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy, stalls,
         client_stats, {phase: cpu.view(f"{phase}_start", f"{phase}_end") for phase in ("users", "zo", "together")},
-        stage_means,
+        {phase: stages.view(*phases[phase]) for phase in ("users", "together")},
     )
 
 
@@ -184,6 +178,8 @@ async def run(args) -> tuple[dict, Raw]:
     try:
         async with Service(settings, binding) as service:
             print(f"service up on {service.url} in {time.time() - started:.1f} s", flush=True)
+            if args.pin_worker_cpus:
+                print(f"pinned: {pin_worker(set(args.pin_worker_cpus))}", flush=True)
             raw = await measure(args, service, prompts, train_rows)
     finally:
         binding.shutdown()

@@ -8,6 +8,8 @@ import gc
 import logging
 import time
 
+import numpy as np
+
 
 class EngineDeathCounter(logging.Handler):
     """Counts log records that report a dead engine (vLLM's EngineDeadError), whoever logs them."""
@@ -102,6 +104,61 @@ class ProcessCpu:
             return {}
         elapsed = b["t"] - a["t"]
         return {k: round((b[k] - a.get(k, 0.0)) / elapsed, 3) for k in b if k != "t"}
+
+
+def pin_worker(worker_cpus: set[int]) -> dict[str, list[int]]:
+    """Give vLLM's worker process (every thread) `worker_cpus` and this process, its threads and its other
+    children (engine core; the load generator inherits it when spawned later) the remaining cores: nothing
+    else runs on the worker's core. Returns each process's new CPU set."""
+    import os
+
+    import psutil
+
+    everything = set(range(os.cpu_count() or 1))
+    rest = everything - worker_cpus
+    if not worker_cpus or not rest or not worker_cpus <= everything:
+        raise ValueError(f"worker cpus {sorted(worker_cpus)} must be a proper subset of {sorted(everything)}")
+    me = psutil.Process()
+    placed: dict[str, list[int]] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        cpus = worker_cpus if "Worker" in proc.name() else rest
+        for thread in proc.threads():
+            os.sched_setaffinity(thread.id, cpus)
+        placed[f"{proc.name()}:{proc.pid}"] = sorted(cpus)
+    return placed
+
+
+class StageRecorder:
+    """Every user request's TTFT stages as the service records them (it wraps the service's
+    `ZoMetrics.observe_ttft_stages`), so a phase gives per-stage tails and the make-up of its slowest
+    requests, not just the means a histogram keeps."""
+
+    def __init__(self, metrics) -> None:
+        self.records: list[tuple[float, dict[str, float]]] = []  # (wall time, stage -> seconds)
+        observe = metrics.observe_ttft_stages
+
+        def recording(stages_s) -> None:
+            self.records.append((time.time(), dict(stages_s)))
+            observe(stages_s)
+
+        metrics.observe_ttft_stages = recording
+
+    def view(self, a: float, b: float) -> dict:
+        rows = [stages for t, stages in self.records if a <= t < b]
+        if not rows:
+            return {}
+        names = list(rows[0])
+        table = np.array([[r.get(k, 0.0) for k in names] for r in rows]) * 1000.0  # [requests, stages] ms
+        totals = table.sum(axis=1)
+        slowest = totals >= np.percentile(totals, 99)
+        return {
+            "num_requests": len(rows),
+            "server_total_p50_ms": float(np.percentile(totals, 50)),
+            "server_total_p99_ms": float(np.percentile(totals, 99)),
+            "mean_ms": dict(zip(names, table.mean(axis=0).tolist())),
+            "p99_ms": dict(zip(names, np.percentile(table, 99, axis=0).tolist())),
+            "slowest_1pct_mean_ms": dict(zip(names, table[slowest].mean(axis=0).tolist())),
+        }
 
 
 async def sample_runtime(runtime, rows: list[dict], stop: asyncio.Event, interval_s: float) -> None:

@@ -86,9 +86,9 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
     users = user_summary([s for s in raw.samples if s.phase == "users"], raw.phase_s)
     together = user_summary([s for s in raw.samples if s.phase == "together"], raw.phase_s)
     users["load_generator"] = raw.client_stats.get("users")
-    users["ttft_stages_ms_mean"] = raw.ttft_stages_by_phase.get("users")
+    users["ttft_stages"] = raw.ttft_stages_by_phase.get("users")
     together["load_generator"] = raw.client_stats.get("together")
-    together["ttft_stages_ms_mean"] = raw.ttft_stages_by_phase.get("together")
+    together["ttft_stages"] = raw.ttft_stages_by_phase.get("together")
     zo_alone = zo_summary(raw.steps_by_job, *raw.phases["zo"])
     zo_together = zo_summary(raw.steps_by_job, *raw.phases["together"])
     t0, t1 = raw.phases["together"]
@@ -146,6 +146,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "coscheduler_hold_chunks_while_users_wait": not args.no_hold,
             "shm_busy_loop_s": "vllm default (1 s)" if args.shm_busy_loop_s is None else args.shm_busy_loop_s,
             "cpu_threads": args.cpu_threads if args.cpu_threads is not None else "service default (cores - 1)",
+            "pin_worker_cpus": args.pin_worker_cpus or "not pinned",
             "step_gate": engine.step_gate.to_dict() if engine.step_gate else "off (vLLM's scheduler)",
             "probe_lane": engine.probe_lane,
             "max_num_batched_tokens": engine.max_num_batched_tokens, "max_num_seqs": engine.max_num_seqs,

@@ -149,13 +149,11 @@ def test_cosched_detail_marks_one_reason_and_drops_ended_jobs() -> None:
     assert 'adapter="other"' not in text.split("zoserve_cosched_job_token_share_ratio")[-1]
 
 
-def test_ttft_stage_totals_give_window_means() -> None:
+
+def test_ttft_stages_are_observed_clamped_at_zero() -> None:
     m = ZoMetrics(CollectorRegistry())
-    assert m.ttft_stage_totals() == {}
-    m.observe_ttft_stages({"engine_wait": 0.004, "first_forward": 0.006})
-    before = m.ttft_stage_totals()
-    m.observe_ttft_stages({"engine_wait": 0.010, "first_forward": 0.002})
-    m.observe_ttft_stages({"engine_wait": 0.020, "first_forward": -0.001})  # clock jitter: counted as 0
-    after = m.ttft_stage_totals()
-    window = {k: (after[k][0] - before[k][0]) / (after[k][1] - before[k][1]) for k in after}
-    assert window == pytest.approx({"engine_wait": 0.015, "first_forward": 0.001})
+    m.observe_ttft_stages({"engine_wait": 0.004, "first_forward": -0.001})  # clock jitter: counted as 0
+    registry = m.registry
+    assert registry.get_sample_value("zoserve_request_ttft_stage_seconds_count", {"stage": "engine_wait"}) == 1
+    assert registry.get_sample_value("zoserve_request_ttft_stage_seconds_sum", {"stage": "engine_wait"}) == pytest.approx(0.004)
+    assert registry.get_sample_value("zoserve_request_ttft_stage_seconds_sum", {"stage": "first_forward"}) == 0.0
