@@ -52,7 +52,7 @@ class ProbeLane:
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._driver: asyncio.Task | None = None
         self._num_holds = 0
-        self._released: asyncio.Event | None = None
+        self._released = asyncio.Event()  # set when the last hold goes
         self._last_grant_s = -math.inf
         self.num_granted = 0
         self.num_granted_while_held = 0
@@ -74,7 +74,7 @@ class ProbeLane:
 
     def _release(self) -> None:
         self._num_holds -= 1
-        if self._num_holds == 0 and self._released is not None:
+        if self._num_holds == 0:
             self._released.set()
 
     async def turn(self) -> None:
@@ -91,13 +91,11 @@ class ProbeLane:
             if self._num_holds > 0:
                 remaining = self._last_grant_s + self.max_hold_gap_s - loop.time()
                 if remaining > 0:
-                    self._released = asyncio.Event()
+                    self._released.clear()
                     try:
                         await asyncio.wait_for(self._released.wait(), remaining)
                     except TimeoutError:
                         pass
-                    finally:
-                        self._released = None
                     continue
             future = self._waiting.popleft()
             if future.done():  # its caller was cancelled

@@ -6,9 +6,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 
 import numpy as np
+import psutil
+
+
+def _run_processes() -> list[psutil.Process]:
+    """This process (the service) and every process it started: engine core, worker, load generator."""
+    me = psutil.Process()
+    return [me, *me.children(recursive=True)]
 
 
 class EngineDeathCounter(logging.Handler):
@@ -75,18 +83,13 @@ class ProcessCpu:
     worker processes, the load generator) at phase boundaries: which process takes the cores in which phase."""
 
     def __init__(self) -> None:
-        import psutil
-
-        self._me = psutil.Process()
         self.marks: dict[str, dict[str, float]] = {}
 
     def _names(self) -> dict[str, float]:
-        import psutil
-
         totals: dict[str, float] = {}
-        for proc in [self._me, *self._me.children(recursive=True)]:
+        for proc in _run_processes():
             try:
-                name = "service" if proc.pid == self._me.pid else proc.name()
+                name = "service" if proc.pid == os.getpid() else proc.name()
                 if "python" in name:
                     name = "load_generator"
                 times = proc.cpu_times()
@@ -110,17 +113,12 @@ def pin_worker(worker_cpus: set[int]) -> dict[str, list[int]]:
     """Give vLLM's worker process (every thread) `worker_cpus` and this process, its threads and its other
     children (engine core; the load generator inherits it when spawned later) the remaining cores: nothing
     else runs on the worker's core. Returns each process's new CPU set."""
-    import os
-
-    import psutil
-
     everything = set(range(os.cpu_count() or 1))
     rest = everything - worker_cpus
     if not worker_cpus or not rest or not worker_cpus <= everything:
         raise ValueError(f"worker cpus {sorted(worker_cpus)} must be a proper subset of {sorted(everything)}")
-    me = psutil.Process()
     placed: dict[str, list[int]] = {}
-    for proc in [me, *me.children(recursive=True)]:
+    for proc in _run_processes():
         cpus = worker_cpus if "Worker" in proc.name() else rest
         for thread in proc.threads():
             os.sched_setaffinity(thread.id, cpus)

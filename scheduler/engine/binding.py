@@ -50,7 +50,7 @@ class GenerationChunk:
     finished: bool
     finish_reason: str | None
     num_prompt_tokens: int
-    engine_times: EngineTimes | None = None  # once the engine reports them (it does with stats on)
+    engine_times: EngineTimes | None = None  # on the first chunk that has them (the engine's stats are on)
 
 
 class EngineBinding:
@@ -273,17 +273,20 @@ class EngineBinding:
         )
         lora = self.slot_request(slot) if slot is not None else None
         prompt = _token_input(prompt_token_ids, salt)
+        timed = False
         async for output in self._engine.generate(
             prompt, params, request_id=request_id or self._next_request_id("gen"), lora_request=lora, priority=priority
         ):
             completion = output.outputs[0]
+            times = None if timed else _engine_times(output.metrics)
+            timed = timed or times is not None
             yield GenerationChunk(
                 tuple(completion.token_ids),
                 completion.text,
                 output.finished,
                 completion.finish_reason,
                 len(output.prompt_token_ids or ()),
-                _engine_times(output.metrics),
+                times,
             )
 
 

@@ -12,6 +12,7 @@ if any differs; it runs in the worker process (imported by the worker extension)
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -77,12 +78,10 @@ class _Plans:
         rows = torch.cat([torch.arange(start, end) for _, start, end in short])
         groups: list[tuple[int, slice]] = []
         offset = 0
-        for index, start, end in short:
-            if groups and groups[-1][0] == index:
-                groups[-1] = (index, slice(groups[-1][1].start, offset + end - start))
-            else:
-                groups.append((index, slice(offset, offset + end - start)))
-            offset += end - start
+        for index, members in itertools.groupby(short, key=lambda run: run[0]):
+            size = sum(end - start for _, start, end in members)
+            groups.append((index, slice(offset, offset + size)))
+            offset += size
         return _Plan(runs, rows, groups)
 
 
