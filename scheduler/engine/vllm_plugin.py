@@ -14,6 +14,15 @@ busy loop this plugin sleeps on the notification for at most `IDLE_POLL_MS` at a
 ring again: a lost notification costs at most that long, and an idle reader wakes ~1,000 times a second
 (a few % of a core) instead of spinning.
 
+Notifications must not be lost in the common case either. vLLM's writer publishes them with a send
+high-water mark of 1, and a notification sent within about a millisecond of the previous one on the same
+socket is dropped (tests/unit/test_vllm_plugin.py shows it on 30 of 30 engine-like steps). Every
+engine step is two worker RPCs (`execute_model`, then `sample_tokens` ~0.2 ms later), so the second reply's
+notification was dropped on most steps and the engine core woke only at the end of its poll slice: measured
+on 2 cores, tiny model, 4 streaming users, the reply reached the engine core 0.95 ms (median) after the worker
+sent it, and a decode step took 3.3 ms; with a deeper writer queue (`NOTIFY_HWM`) the step took 2.5 ms, with
+probe traffic 7.5 -> 5.6 ms. The readers keep vLLM's conflating socket, so extra notifications never pile up.
+
 `ZOSERVE_SHM_BUSY_LOOP_S` (set by `EngineConfig.apply_process_env` before the engine spawns its processes)
 sets `busy_loop_s` for every reader and turns the bounded sleep on; unset leaves vLLM exactly as it is. The
 plugin is registered under the entry-point group `vllm.general_plugins` in `pyproject.toml`; vLLM loads it in
@@ -29,6 +38,7 @@ import time
 BUSY_LOOP_ENV = "ZOSERVE_SHM_BUSY_LOOP_S"
 _PATCHED_MARK = "_zoserve_busy_loop_patched"
 IDLE_POLL_MS = 1  # longest sleep on the notification before the reader looks at the ring again
+NOTIFY_HWM = 1024  # notifications a writer may have in flight (vLLM: 1); readers conflate them
 
 
 def busy_loop_override() -> float | None:
@@ -59,6 +69,14 @@ def register() -> None:
     @functools.wraps(original_init)
     def init_with_busy_loop(self, is_reader, context, notify_address, busy_loop_s: float = 1):
         original_init(self, is_reader, context, notify_address, busy_loop_s=override if is_reader else busy_loop_s)
+        if not is_reader:
+            # The high-water mark applies to connections made after bind; no reader has connected yet, so
+            # the writer's socket is rebound with a deeper one in place of vLLM's.
+            self.local_notify_socket.setsockopt(zmq.LINGER, 0)
+            self.local_notify_socket.close()
+            self.local_notify_socket = context.socket(zmq.PUB)
+            self.local_notify_socket.setsockopt(zmq.SNDHWM, NOTIFY_HWM)
+            self.local_notify_socket.bind(notify_address)
 
     def wait_in_slices(self, timeout_ms: int | None = None) -> None:
         # Same contract as SpinCondition.wait: return when the caller should look at the ring again.
