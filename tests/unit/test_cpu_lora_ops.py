@@ -113,3 +113,56 @@ def test_random_batches_match_the_per_token_definition(monkeypatch, min_run_toke
         expected = base.clone()
         expected[:, 2:9] = _expected_expand(base[:, 2:9], out, b, indices)
         assert torch.allclose(expanded, expected, atol=1e-5)
+
+
+def test_an_all_zero_slot_buffer_is_skipped_until_a_slot_is_written(monkeypatch):
+    """The k slice of a packed qkv layer under q/v targets is zeros in every slot: its shrink and expand
+    are skipped. A write into any slot (in place, through a view, as slot updates and probe writes are)
+    makes the buffer count again at once, and clearing it makes it skipped again."""
+    monkeypatch.setattr(cpu_lora_ops, "GATHER_MAX_TOKENS", 0)
+    g = torch.Generator().manual_seed(4)
+    a = torch.zeros(3, 1, 4, 6)  # [L, 1, r, in]
+    b = torch.zeros(3, 1, 5, 4)  # [L, 1, out, r]
+    x = torch.randn(40, 6, generator=g)
+    indices = torch.repeat_interleave(torch.tensor([0, 2, -1, 1]), torch.tensor([10, 12, 8, 10]))
+    zero = cpu_lora_ops._ZERO
+    for _ in range(2):  # the second call answers from the remembered version
+        skipped = zero.num_skipped
+        out = torch.full((40, 4), 9.0)
+        cpu_lora_ops.bgmv_shrink(x, a, out, indices, 0.5)
+        base = torch.randn(40, 7, generator=g)
+        expanded = base.clone()
+        cpu_lora_ops.bgmv_expand_slice(out, b, expanded, indices, 1, 5, True)
+        assert torch.equal(out, torch.zeros(40, 4)) and torch.equal(expanded, base)
+        assert zero.num_skipped == skipped + 2
+    a[2, 0].copy_(torch.randn(4, 6, generator=g))  # one slot written, through a view
+    b[2].copy_(torch.randn(1, 5, 4, generator=g))
+    out = torch.full((40, 4), 9.0)
+    cpu_lora_ops.bgmv_shrink(x, a, out, indices, 0.5)
+    assert torch.allclose(out, _stock_shrink(x, a, indices, 0.5), atol=1e-6)
+    assert out[10:22].abs().sum() > 0  # the written slot's tokens got their product
+    base = torch.randn(40, 7, generator=g)
+    expanded = base.clone()
+    cpu_lora_ops.bgmv_expand_slice(out, b, expanded, indices, 1, 5, True)
+    expected = base.clone()
+    expected[:, 1:6] = _expected_expand(base[:, 1:6], out, b, indices)
+    assert torch.allclose(expanded, expected, atol=1e-6)
+    b.zero_()  # cleared again (a slot reset): skipped again
+    skipped = zero.num_skipped
+    cpu_lora_ops.bgmv_expand(out, b, base.clone(), indices, True)
+    assert zero.num_skipped == skipped + 1
+
+
+def test_the_zero_check_follows_writes_in_inference_mode():
+    """vLLM builds and writes its slot buffers under inference mode, where tensors carry no version
+    counter: the check must then look at the contents on every call."""
+    with torch.inference_mode():
+        a = torch.zeros(2, 1, 4, 6)
+        x = torch.ones(8, 6)
+        indices = torch.zeros(8, dtype=torch.long)
+        out = torch.full((8, 4), 3.0)
+        cpu_lora_ops.bgmv_shrink(x, a, out, indices, 1.0)
+        assert torch.equal(out, torch.zeros(8, 4))
+        a[0, 0].fill_(1.0)
+        cpu_lora_ops.bgmv_shrink(x, a, out, indices, 1.0)
+        assert torch.equal(out, torch.full((8, 4), 6.0))
