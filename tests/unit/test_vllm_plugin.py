@@ -141,7 +141,6 @@ def _run_probe(busy_loop: str | None, script: str = _PROBE, *args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != BUSY_LOOP_ENV}
     if busy_loop is not None:
         env[BUSY_LOOP_ENV] = busy_loop
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
     command = [script] if script.endswith(".py") else ["-c", script]
     done = subprocess.run([sys.executable, *command, *args], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
