@@ -84,6 +84,15 @@ def print_summary(result: dict) -> None:
             values = stages.get(key, {})
             print(f"TTFT stages, server, {name:8s} {key:20s} " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
     for name in ("users", "zo", "together"):
+        steps = result["phases"][name].get("engine_steps") or {}
+        kinds = ", ".join(
+            f"{kind} {v['share_of_time']:.0%} of time, period p50/p99 {v['period_p50_ms']:.1f}/{v['period_p99_ms']:.1f} ms, "
+            f"{v['probe_tokens_mean']:.0f} probe tokens"
+            for kind, v in steps.items() if isinstance(v, dict)
+        )
+        if kinds:
+            print(f"engine steps, {name:9s} {steps['steps_per_s']:.0f}/s: {kinds}")
+    for name in ("users", "zo", "together"):
         cpu = result["phases"][name]["cpu"]
         print(f"CPU s/s, {name:9s} " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())))
     print(f"EngineDeadError records: {result['engine_dead_errors']}; engine healthy at end: {result['engine_healthy_at_end']}")
@@ -136,6 +145,10 @@ def main() -> None:
     parser.add_argument("--plot", default=str(Path(__file__).resolve().parents[1] / "results" / "coserve.png"))
     parser.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     parser.add_argument("--raw-out", default=None, help="write per-request samples, step metrics and controller samples here")
+    parser.add_argument(
+        "--no-step-trace", dest="step_trace", action="store_false",
+        help="do not trace the engine's steps (by default every step is traced and summarised per phase)",
+    )
     parser.add_argument("--smoke", action="store_true", help="seconds-long phases: checks the wiring, measures nothing")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

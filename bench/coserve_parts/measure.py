@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import random
 import tempfile
 import time
@@ -16,6 +17,7 @@ import numpy as np
 
 from scheduler.datasets import load_sst2
 from scheduler.engine.binding import EngineBinding
+from scheduler.engine.step_trace import TRACE_ENV
 from service.app import engine_config
 from service.settings import Settings
 
@@ -25,6 +27,7 @@ from coserve_parts.monitors import (
     EngineDeathCounter, ProcessCpu, StageRecorder, StallMonitor, pin_worker, sample_runtime,
 )
 from coserve_parts.service import Service
+from coserve_parts.steps import load_steps
 from coserve_parts.summary import summarise
 
 
@@ -45,6 +48,7 @@ class Raw:
     client_stats: dict[str, dict]  # phase -> the load generator's own event-loop lags
     cpu_by_phase: dict[str, dict[str, float]]  # phase -> process -> CPU seconds per second
     ttft_stages_by_phase: dict[str, dict]  # user phase -> StageRecorder.view (server-side TTFT stages)
+    engine_steps: list = dataclasses.field(default_factory=list)  # StepRecords of the engine's step trace
 
 
 async def prepare_user_adapters(client, prompts: list[str], args) -> None:
@@ -172,6 +176,9 @@ async def run(args) -> tuple[dict, Raw]:
     # The benchmark starts the engine itself (as the tests do) so that engine arguments the service settings
     # do not expose yet can be varied; otherwise it is exactly the engine `zoserve serve` builds.
     config = engine_config(settings)
+    trace_prefix = str(data_dir / "steps" / "engine-core")
+    if args.step_trace:
+        os.environ[TRACE_ENV] = trace_prefix  # the engine-core process reads it when vLLM spawns it
     if args.max_num_batched_tokens is not None:
         config = dataclasses.replace(config, max_num_batched_tokens=args.max_num_batched_tokens)
     binding = await EngineBinding.start(config, data_dir / "engine")
@@ -183,6 +190,9 @@ async def run(args) -> tuple[dict, Raw]:
             raw = await measure(args, service, prompts, train_rows)
     finally:
         binding.shutdown()
+        os.environ.pop(TRACE_ENV, None)
+    if args.step_trace:
+        raw.engine_steps = load_steps(trace_prefix)
     result = summarise(args, raw, config, deaths.count)
     result["wall_s"] = time.time() - started
     return result, raw

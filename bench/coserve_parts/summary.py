@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from coserve_parts.steps import summarise_steps
+
 if TYPE_CHECKING:
     from coserve_parts.load import UserSample
     from coserve_parts.measure import Raw
@@ -125,7 +127,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "budget_reason_samples": reasons,
         }
 
-    return {
+    result = {
         "benchmark": "coserve",
         **figures,
         "targets": {k: f"{op} {bound}" for k, (op, bound) in TARGETS.items()},
@@ -161,3 +163,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             },
         },
     }
+    if raw.engine_steps:
+        for name, (start, end) in raw.phases.items():
+            result["phases"][name]["engine_steps"] = summarise_steps(raw.engine_steps, start, end)
+    return result

@@ -19,6 +19,7 @@ from vllm.v1.core.sched.request_queue import PriorityRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from scheduler.engine.config import STEP_GATE_CONFIG_KEY
+from scheduler.engine.step_trace import StepTracer
 from scheduler.planning.step_gate import StepGateConfig, StepView, num_admitted, step_allowance
 
 
@@ -45,8 +46,24 @@ class _StepGate:
             raise ValueError("the zoserve step gate needs scheduling_policy='priority'")
         self._last_user_seen_s: float | None = None
         self.num_probes_held_back = 0  # steps x probes, for tests and debugging
+        self._tracer = StepTracer.from_env(self.step_gate.probe_priority)  # ZOSERVE_STEP_TRACE: one line a step
 
     def schedule(self, *args, **kwargs):
+        if self._tracer is None:
+            return self._gated_schedule(*args, **kwargs)
+        start_s = time.time()
+        output = self._gated_schedule(*args, **kwargs)
+        self._tracer.scheduled(start_s, output, self.requests, self.waiting)
+        return output
+
+    def update_from_output(self, *args, **kwargs):
+        start_s = time.time()
+        outputs = super().update_from_output(*args, **kwargs)
+        if self._tracer is not None:
+            self._tracer.updated(start_s)
+        return outputs
+
+    def _gated_schedule(self, *args, **kwargs):
         allowance = self._step_allowance()
         if allowance is None:
             return super().schedule(*args, **kwargs)

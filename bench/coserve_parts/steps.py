@@ -1,0 +1,59 @@
+"""Per-phase summary of the engine's step trace (scheduler/engine/step_trace.py): what the forwards carried.
+
+A user waits for the forward in flight when it arrives, so the length of the steps that carry probe tokens
+next to decoding users is what ZO adds to time to first token; this splits each phase's steps into kinds and
+gives each kind's share of the time, its period (start to the next step's start) and what it carried.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scheduler.engine.step_trace import StepRecord, read_step_trace
+
+KINDS = ("user_prefill", "decode_only", "decode_and_probes", "probes_only")
+
+
+def step_kind(step: StepRecord) -> str | None:
+    if step.num_user_prefills > 0:
+        return "user_prefill"
+    if step.user_tokens > 0:
+        return "decode_and_probes" if step.probe_tokens > 0 else "decode_only"
+    return "probes_only" if step.probe_tokens > 0 else None
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarise_steps(steps: list[StepRecord], start_s: float, end_s: float) -> dict:
+    """Steps that started inside [start_s, end_s), each with its period up to the next step's start."""
+    inside = [(a, b.schedule_start_s - a.schedule_start_s) for a, b in zip(steps, steps[1:])
+              if start_s <= a.schedule_start_s < end_s]
+    total_s = sum(period for _, period in inside)
+    result: dict = {"num_steps": len(inside), "steps_per_s": len(inside) / total_s if total_s else 0.0}
+    for kind in KINDS:
+        of_kind = [(s, p) for s, p in inside if step_kind(s) == kind]
+        if not of_kind:
+            continue
+        periods_ms = [1000.0 * p for _, p in of_kind]
+        result[kind] = {
+            "share_of_steps": len(of_kind) / len(inside),
+            "share_of_time": sum(p for _, p in of_kind) / total_s,
+            "period_p50_ms": _quantile(periods_ms, 0.5),
+            "period_p90_ms": _quantile(periods_ms, 0.9),
+            "period_p99_ms": _quantile(periods_ms, 0.99),
+            "forward_p50_ms": _quantile([1000.0 * s.forward_s for s, _ in of_kind], 0.5),
+            "probe_tokens_mean": sum(s.probe_tokens for s, _ in of_kind) / len(of_kind),
+            "num_probes_mean": sum(s.num_probes for s, _ in of_kind) / len(of_kind),
+            "user_tokens_mean": sum(s.user_tokens for s, _ in of_kind) / len(of_kind),
+        }
+    return result
+
+
+def load_steps(prefix: str) -> list[StepRecord]:
+    """Every trace file the run's engine core wrote under `prefix`, oldest step first."""
+    base = Path(prefix)
+    steps = [step for path in sorted(base.parent.glob(f"{base.name}.*.tsv")) for step in read_step_trace(path)]
+    return sorted(steps, key=lambda s: s.schedule_start_s)

@@ -1,0 +1,102 @@
+"""One line per engine step, written by vLLM's scheduler in the engine-core process: what each forward carried
+and how long it took, for finding where user latency goes next to ZO work.
+
+Turned on by `ZOSERVE_STEP_TRACE=<path prefix>` in the environment the engine starts with (the engine-core
+process writes `<prefix>.<pid>.tsv`); off, it costs one attribute check per step. Times are wall-clock seconds
+(`time.time()`, comparable across processes and with the benchmark's phase windows). Columns:
+
+  schedule_start_s  schedule_end_s  update_start_s  update_end_s   (update: after the worker's reply)
+  probe_tokens  num_probes  user_tokens  num_user_prefills  num_user_waiting  num_waiting
+
+`probe_*` counts requests at the probe priority or worse; `num_user_prefills` the user requests scheduled
+for the first time in the step; `num_*waiting` the waiting queue after scheduling. A step's forward (with its
+RPCs) runs from `schedule_end_s` to `update_start_s`; the next step's `schedule_start_s` ends its period.
+`read_step_trace` parses a file back into `StepRecord`s (bench/coserve.py summarises them per phase).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+TRACE_ENV = "ZOSERVE_STEP_TRACE"
+COLUMNS = (
+    "schedule_start_s", "schedule_end_s", "update_start_s", "update_end_s",
+    "probe_tokens", "num_probes", "user_tokens", "num_user_prefills", "num_user_waiting", "num_waiting",
+)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    schedule_start_s: float
+    schedule_end_s: float
+    update_start_s: float
+    update_end_s: float
+    probe_tokens: int
+    num_probes: int
+    user_tokens: int
+    num_user_prefills: int
+    num_user_waiting: int
+    num_waiting: int
+
+    @property
+    def forward_s(self) -> float:
+        return self.update_start_s - self.schedule_end_s
+
+
+class StepTracer:
+    """Collects one step's schedule figures, then writes the line when its output has been processed."""
+
+    def __init__(self, out: TextIO, probe_priority: int) -> None:
+        self._out = out
+        self._probe_priority = probe_priority
+        self._pending: str | None = None
+        out.write("\t".join(COLUMNS) + "\n")
+
+    @classmethod
+    def from_env(cls, probe_priority: int) -> StepTracer | None:
+        prefix = os.environ.get(TRACE_ENV, "").strip()
+        if not prefix:
+            return None
+        path = Path(f"{prefix}.{os.getpid()}.tsv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(path.open("w", buffering=1), probe_priority)  # line-buffered: the engine core may be killed
+
+    def scheduled(self, start_s: float, output, requests: dict, waiting) -> None:
+        probe_tokens = num_probes = user_tokens = 0
+        for request_id, num_tokens in output.num_scheduled_tokens.items():
+            if requests[request_id].priority >= self._probe_priority:
+                probe_tokens += num_tokens
+                num_probes += 1
+            else:
+                user_tokens += num_tokens
+        num_user_prefills = sum(
+            1 for new in output.scheduled_new_reqs if requests[new.req_id].priority < self._probe_priority
+        )
+        num_user_waiting = sum(1 for request in waiting if request.priority < self._probe_priority)
+        self._pending = (
+            f"{start_s:.6f}\t{time.time():.6f}\t{{}}\t{{}}\t{probe_tokens}\t{num_probes}\t{user_tokens}\t"
+            f"{num_user_prefills}\t{num_user_waiting}\t{len(waiting)}\n"
+        )
+
+    def updated(self, start_s: float) -> None:
+        if self._pending is not None:
+            self._out.write(self._pending.format(f"{start_s:.6f}", f"{time.time():.6f}"))
+            self._pending = None
+
+
+def read_step_trace(path: Path) -> list[StepRecord]:
+    records = []
+    with path.open() as lines:
+        header = next(lines, "").rstrip("\n").split("\t")
+        if tuple(header) != COLUMNS:
+            raise ValueError(f"{path} is not a step trace (header {header[:3]}...)")
+        for line in lines:
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != len(COLUMNS):
+                continue  # a line cut short when the engine stopped
+            records.append(StepRecord(*(float(f) for f in fields[:4]), *(int(f) for f in fields[4:])))
+    return records
