@@ -17,7 +17,7 @@ import numpy as np
 
 from scheduler.datasets import load_sst2
 from scheduler.engine.binding import EngineBinding
-from scheduler.engine.step_trace import TRACE_ENV
+from scheduler.engine.step_trace import TRACE_ENV, StepRecord
 from service.app import engine_config
 from service.settings import Settings
 
@@ -48,7 +48,7 @@ class Raw:
     client_stats: dict[str, dict]  # phase -> the load generator's own event-loop lags
     cpu_by_phase: dict[str, dict[str, float]]  # phase -> process -> CPU seconds per second
     ttft_stages_by_phase: dict[str, dict]  # user phase -> StageRecorder.view (server-side TTFT stages)
-    engine_steps: list = dataclasses.field(default_factory=list)  # StepRecords of the engine's step trace
+    engine_steps: list[StepRecord] = dataclasses.field(default_factory=list)  # the engine step trace, oldest first
 
 
 async def prepare_user_adapters(client, prompts: list[str], args) -> None:
