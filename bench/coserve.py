@@ -146,6 +146,10 @@ def main() -> None:
     parser.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     parser.add_argument("--raw-out", default=None, help="write per-request samples, step metrics and controller samples here")
     parser.add_argument(
+        "--min-probe-tokens-per-step", type=int, default=None,
+        help="let the latency controller drive the per-step probe cap, down to this many tokens (default: static gate)",
+    )
+    parser.add_argument(
         "--no-step-trace", dest="step_trace", action="store_false",
         help="do not trace the engine's steps (by default every step is traced and summarised per phase)",
     )

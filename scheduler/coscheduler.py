@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from scheduler.adapter_host import SlotPool
 from scheduler.coscheduler_config import CoSchedulerConfig, CoSchedulerSnapshot
+from scheduler.probe_cap_control import ProbeCapControl
 from scheduler.planning import (
     ChunkRequest,
     JobDemand,
@@ -125,15 +126,18 @@ class CoScheduler:
         slot_ids: tuple[int, ...],
         serving_slots: Callable[[], list[tuple[int, str, int]]],
         reclaim_slot: Callable[[], Awaitable[bool]] | None = None,
+        probe_cap: ProbeCapControl | None = None,
     ):
         """`serving_slots()` lists (slot id, owner key, requests in flight) of slots serving adapters;
-        `reclaim_slot()` frees one slot held by an idle served adapter (False when there is none)."""
+        `reclaim_slot()` frees one slot held by an idle served adapter (False when there is none);
+        `probe_cap` drives the engine's per-step probe cap from the same latency signal every round."""
         self.config = config
         self._pool = pool
         self._slot_ids = slot_ids
         self._index = {slot: i for i, slot in enumerate(slot_ids)}
         self._serving_slots = serving_slots
         self._reclaim_slot = reclaim_slot
+        self.probe_cap = probe_cap
         self._planner_config = PlannerConfig(
             controller=config.controller(),
             num_slots=len(slot_ids),
@@ -243,6 +247,8 @@ class CoScheduler:
         self._state = dataclasses.replace(
             self._state, controller=dataclasses.replace(self._state.controller, target_ttft_ms=target_ttft_ms)
         )
+        if self.probe_cap is not None:
+            self.probe_cap.set_target_ttft_ms(target_ttft_ms)
         self._wake.set()
 
     def forget_job(self, job_id: str) -> None:
@@ -318,7 +324,12 @@ class CoScheduler:
 
     def plan_once(self) -> bool:
         """Plan one round and hand out its grants; True if a waiting step is short of free slots."""
-        plan = plan_round(self._planner_config, self._state, self._observation())
+        observation = self._observation()
+        plan = plan_round(self._planner_config, self._state, observation)
+        if self.probe_cap is not None:
+            in_flight = observation.num_probe_tokens_in_flight
+            queued = sum(request.num_tokens for request in observation.chunk_requests)
+            self.probe_cap.update(observation.latency, in_flight, in_flight + queued, observation.now_s)
         self._state = plan.next_state
         self.latest_record = plan.record
         for grant in plan.step_grants:

@@ -26,6 +26,11 @@ class CoSchedulerConfig:
     # The service runs with a deeper floor (Settings.coscheduler_min_chunks_in_flight, 16): behind the
     # engine's per-step gate the floor only decides how many admitted probes wait for the gate to take.
     min_chunks_in_flight: int = 2
+    # With a value, the latency controller also drives the engine's per-step probe cap next to users
+    # (engine/gate_cap.py, scheduler/probe_cap_control.py), never below this many tokens (32: about one probe
+    # request per step). None (default): the engine's static step gate alone. Measured (results/coserve.md,
+    # session 7): at a target of 1.2 x the users-alone p95 the cap sits at 32 and ZO nearly stops.
+    min_probe_tokens_per_step: int | None = None
 
     def controller(self) -> ControllerConfig:
         floor = min(self.min_chunks_in_flight * self.chunk_tokens, self.max_tokens_in_flight)

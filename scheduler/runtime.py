@@ -27,6 +27,7 @@ from scheduler.job_journal import JobJournal
 from scheduler.job_runner import JobRun, method_hyper, probe_slots_needed, run_job
 from scheduler.jobs import AdapterView, EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric, VersionView
 from scheduler.objectives import ClassificationObjective, LabelledText, PromptCompletion
+from scheduler.probe_cap_control import ProbeCapControl
 from scheduler.rewards import RewardObjective, words
 from scheduler.serving import ServingLease
 from scheduler.zo.methods import REGISTRY
@@ -96,8 +97,10 @@ class Runtime:
         self.observer = observer or NullObserver()
         self.slots = SlotPool(binding.slot_ids)
         self.host = AdapterHost(binding, store, self.slots)
+        coscheduling = coscheduling or CoSchedulerConfig()
         self.coscheduler = CoScheduler(
-            coscheduling or CoSchedulerConfig(), self.slots, binding.slot_ids, self.host.serving_slots, self.host.reclaim_slot
+            coscheduling, self.slots, binding.slot_ids, self.host.serving_slots, self.host.reclaim_slot,
+            probe_cap=_probe_cap_control(binding, coscheduling),
         )
         self.journal = JobJournal(journal_dir)
         self._jobs: dict[str, JobRun] = {}
@@ -325,3 +328,13 @@ class Runtime:
         name, version = parse_address(model)
         async with self.host.lease(name, version) as lease:
             yield lease
+
+
+def _probe_cap_control(binding: EngineBinding, config: CoSchedulerConfig) -> ProbeCapControl | None:
+    """The latency loop over the engine's per-step probe cap, when the engine has a step gate with a cap word."""
+    gate = binding.config.step_gate
+    if binding.gate_cap is None or gate is None or config.min_probe_tokens_per_step is None:
+        return None
+    return ProbeCapControl(
+        config.target_ttft_ms, gate.tokens_with_users, config.min_probe_tokens_per_step, binding.gate_cap.write
+    )

@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None, binding: EngineBinding | None =
                 min_chunks_in_flight=settings.coscheduler_min_chunks_in_flight,
                 fairness_max_lead_tokens=settings.coscheduler_fairness_max_lead_tokens,
                 hold_chunks_while_users_wait=settings.coscheduler_hold_chunks_while_users_wait,
+                min_probe_tokens_per_step=settings.coscheduler_min_probe_tokens_per_step,
             ),
         )
         app.state.runtime = runtime

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     coscheduler_min_chunks_in_flight: int = Field(16, ge=0)
     coscheduler_fairness_max_lead_tokens: float = Field(0.0, ge=0)
     coscheduler_hold_chunks_while_users_wait: bool = True
+    # With a value, the latency controller lowers the step gate's per-step probe cap (below) to no less than this
+    # many tokens while users' TTFT p95 is over the target (scheduler/probe_cap_control.py); None (default)
+    # keeps the static cap.
+    coscheduler_min_probe_tokens_per_step: int | None = Field(None, ge=0)
     freeze_gc_heap: bool = True  # gc.freeze() once started (as vLLM's server does): shorter full collections
     # The CPU engine's OpenMP threads. None: every core but one, which stays with this process (HTTP, vLLM's
     # input/output processing, the step loops); on 2 cores that doubled user capacity and halved TTFT.

@@ -165,6 +165,7 @@ async def run(args) -> tuple[dict, Raw]:
         **({"coscheduler_chunk_tokens": args.chunk_tokens} if args.chunk_tokens is not None else {}),
         **({"coscheduler_min_chunks_in_flight": args.min_chunks} if args.min_chunks is not None else {}),
         **({"cpu_threads": args.cpu_threads} if args.cpu_threads is not None else {}),
+        coscheduler_min_probe_tokens_per_step=args.min_probe_tokens_per_step,
         coscheduler_hold_chunks_while_users_wait=not args.no_hold,
         shm_busy_loop_s=args.shm_busy_loop_s,
         probe_lane=not args.no_probe_lane,

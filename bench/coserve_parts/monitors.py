@@ -174,6 +174,7 @@ async def sample_runtime(runtime, rows: list[dict], stop: asyncio.Event, interva
             "user_running": stats.user_running,
             "probe_tokens_in_flight": runtime.coscheduler.snapshot().num_probe_tokens_in_flight,  # live, not the last round
             "budget_reason": record.budget_reason if record else None,
+            "probe_cap_tokens": cap.cap_tokens if (cap := runtime.coscheduler.probe_cap) is not None else None,
         })
         try:
             await asyncio.wait_for(stop.wait(), interval_s)

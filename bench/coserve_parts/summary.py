@@ -112,7 +112,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
         rows = [r for r in raw.runtime_rows if a <= r["t"] < b]
 
         def median(key: str) -> float | None:
-            values = [r[key] for r in rows if r[key] is not None]
+            values = [r[key] for r in rows if r.get(key) is not None]
             return float(np.median(values)) if values else None
 
         reasons: dict[str, int] = {}
@@ -124,6 +124,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "budget_tokens_median": median("budget_tokens"),
             "probe_tokens_in_flight_median": median("probe_tokens_in_flight"),
             "server_ttft_p95_ms_median": median("server_ttft_p95_ms"),
+            "probe_cap_tokens_median": median("probe_cap_tokens"),  # the per-step cap next to users
             "budget_reason_samples": reasons,
         }
 
@@ -146,6 +147,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "coscheduler_chunk_tokens": args.chunk_tokens if args.chunk_tokens is not None else "service default",
             "coscheduler_min_chunks_in_flight": args.min_chunks if args.min_chunks is not None else "service default",
             "coscheduler_hold_chunks_while_users_wait": not args.no_hold,
+            "min_probe_tokens_per_step": args.min_probe_tokens_per_step or "off (static step gate)",
             "shm_busy_loop_s": "vllm default (1 s)" if args.shm_busy_loop_s is None else args.shm_busy_loop_s,
             "cpu_threads": args.cpu_threads if args.cpu_threads is not None else "service default (cores - 1)",
             "pin_worker_cpus": args.pin_worker_cpus or "not pinned",

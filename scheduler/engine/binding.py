@@ -10,6 +10,7 @@ and version, or probe step), so prefix-cache KV computed under one state is neve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import tempfile
@@ -22,6 +23,7 @@ import torch
 from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
 from scheduler.aio import gather_or_cancel
 from scheduler.engine.config import PROBE_PRIORITY, USER_PRIORITY, EngineConfig
+from scheduler.engine.gate_cap import GateCap
 from scheduler.engine.worker_extension import layout_to_wire, tensors_from_wire, tensors_to_wire
 from scheduler.errors import EngineSelfTestFailed
 from scheduler.probe_lane import ProbeLane
@@ -66,6 +68,9 @@ class EngineBinding:
         self._disk_slot_lock = asyncio.Lock()
         self.tokenizer = None
         self.probe_lane = ProbeLane() if config.probe_lane else None
+        # The word through which the service's latency controller lowers the step gate's probe cap.
+        cap_path = config.step_gate.cap_path if config.step_gate else None
+        self.gate_cap = GateCap.open(Path(cap_path)) if cap_path else None
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -77,6 +82,10 @@ class EngineBinding:
         config.apply_process_env()
         work_dir = Path(work_dir or tempfile.mkdtemp(prefix="zoserve-engine-"))
         work_dir.mkdir(parents=True, exist_ok=True)
+        if config.step_gate is not None and config.step_gate.cap_path is None:
+            cap = GateCap.create(work_dir / "step-gate-cap")
+            cap.close()
+            config = dataclasses.replace(config, step_gate=dataclasses.replace(config.step_gate, cap_path=str(cap.path)))
         full_shape = LoraShape(config.max_lora_rank, float(config.max_lora_rank), tuple(config.target_modules))
         layout = layout_for_model_dir(config.model, full_shape)
         zero_dir = write_peft_dir(
@@ -166,6 +175,8 @@ class EngineBinding:
 
     def shutdown(self) -> None:
         self._engine.shutdown()
+        if self.gate_cap is not None:
+            self.gate_cap.close()
 
     # ----------------------------------------------------------------- slots and states
     def slot_request(self, slot: int):

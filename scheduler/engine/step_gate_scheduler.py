@@ -13,12 +13,14 @@ back; running requests and requests holding KV blocks are left alone.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import PriorityRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from scheduler.engine.config import STEP_GATE_CONFIG_KEY
+from scheduler.engine.gate_cap import GateCap
 from scheduler.engine.step_trace import StepTracer
 from scheduler.planning.step_gate import StepGateConfig, StepView, num_admitted, step_allowance
 
@@ -47,6 +49,8 @@ class _StepGate:
         self._last_user_seen_s: float | None = None
         self.num_probes_held_back = 0  # steps x probes, for tests and debugging
         self._tracer = StepTracer.from_env(self.step_gate.probe_priority)  # ZOSERVE_STEP_TRACE: one line a step
+        cap_path = self.step_gate.cap_path
+        self._cap = GateCap.open(Path(cap_path)) if cap_path else None
 
     def schedule(self, *args, **kwargs):
         if self._tracer is None:
@@ -93,6 +97,7 @@ class _StepGate:
                 num_user_waiting=int(user_waiting),  # the gate only asks whether any user waits
                 num_user_running=num_user_running,
                 num_probe_tokens_running=probe_tokens_running,
+                tokens_with_users_cap=self._cap.read() if self._cap is not None else None,
             ),
             self._last_user_seen_s,
         )

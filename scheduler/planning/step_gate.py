@@ -11,7 +11,9 @@ and holds the rest back in the waiting queue for a later step:
 - a user request waits for its first forward: at most `tokens_with_user_prefill` probe tokens join it (default
   0: the user's prefill runs as if ZO did not exist);
 - users are running (decoding) or were seen lately: at most `tokens_with_users` probe tokens per step, so a
-  user arriving waits behind a short forward, never a full one.
+  user arriving waits behind a short forward, never a full one. The service's latency controller may lower
+  this limit at run time (`StepView.tokens_with_users_cap`, read from engine/gate_cap.py every step) while
+  users' time to first token is over its target.
 
 Probe tokens already running (the rest of a prefill that a previous step split) count against the allowance;
 they are scheduled first by vLLM and cannot be held back. Queued probes are admitted whole, oldest (best
@@ -35,6 +37,7 @@ class StepGateConfig:
     tokens_with_users: int = 256
     tokens_with_user_prefill: int = 0
     user_memory_s: float = 2.0
+    cap_path: str | None = None  # the shared word a latency controller lowers the limit with (engine/gate_cap.py)
 
     def __post_init__(self) -> None:
         require(isinstance(self.probe_priority, int), "probe_priority", f"must be an int, got {self.probe_priority!r}")
@@ -49,6 +52,7 @@ class StepGateConfig:
             tokens_with_users=self.tokens_with_users,
             tokens_with_user_prefill=self.tokens_with_user_prefill,
             user_memory_s=self.user_memory_s,
+            cap_path=self.cap_path,
         )
 
     @classmethod
@@ -64,6 +68,9 @@ class StepView:
     num_user_waiting: int  # user requests in the waiting queue (they need a prefill)
     num_user_running: int
     num_probe_tokens_running: int  # uncomputed prompt tokens of probes already running (split prefills)
+    # The latency controller's current cap on probe tokens per step next to users (engine/gate_cap.py);
+    # None: none written, `tokens_with_users` alone limits. It only ever lowers that limit.
+    tokens_with_users_cap: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,10 @@ def step_allowance(config: StepGateConfig, view: StepView, last_user_seen_s: flo
     recent = last_user_seen_s is not None and view.now_s - last_user_seen_s <= config.user_memory_s
     if not users_now and not recent:
         return GateDecision(allowance=None, last_user_seen_s=last_user_seen_s)
-    limit = config.tokens_with_user_prefill if view.num_user_waiting > 0 else config.tokens_with_users
+    with_users = config.tokens_with_users
+    if view.tokens_with_users_cap is not None:
+        with_users = min(with_users, view.tokens_with_users_cap)
+    limit = min(config.tokens_with_user_prefill, with_users) if view.num_user_waiting > 0 else with_users
     return GateDecision(allowance=max(0, limit - view.num_probe_tokens_running), last_user_seen_s=last_user_seen_s)
 
 

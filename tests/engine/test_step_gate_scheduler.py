@@ -191,3 +191,23 @@ def _finished():
     from vllm.v1.request import RequestStatus
 
     return RequestStatus.FINISHED_ABORTED
+
+
+def test_the_cap_word_lowers_the_limit_with_users_between_steps(opt_model_dir, tmp_path):
+    """The service's controller writes the shared cap; the scheduler applies it from the next step on."""
+    from dataclasses import replace
+
+    from scheduler.engine.gate_cap import GateCap
+
+    cap = GateCap.create(tmp_path / "cap")
+    scheduler = make_scheduler(opt_model_dir, replace(GATE, cap_path=str(cap.path)))
+    for _ in range(30):
+        add(scheduler, PROBE_PRIORITY)
+    add(scheduler, USER_PRIORITY, max_tokens=16, arrival=1e9)
+    scheduler.schedule()  # the user's prefill, alone
+    assert tokens_by_class(scheduler.schedule())[1] == 3 * PROMPT  # nothing written: the static 128 holds
+    cap.write(PROMPT)
+    assert tokens_by_class(scheduler.schedule())[1] == PROMPT
+    cap.write(10_000)  # the cap only lowers the gate's limit, never raises it
+    assert tokens_by_class(scheduler.schedule())[1] == 3 * PROMPT
+    cap.close()
