@@ -61,10 +61,11 @@ class _StepGate:
         return output
 
     def update_from_output(self, *args, **kwargs):
+        if self._tracer is None:
+            return super().update_from_output(*args, **kwargs)
         start_s = time.time()
         outputs = super().update_from_output(*args, **kwargs)
-        if self._tracer is not None:
-            self._tracer.updated(start_s)
+        self._tracer.updated(start_s)
         return outputs
 
     def _gated_schedule(self, *args, **kwargs):
