@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from scheduler.engine.step_trace import StepRecord, read_step_trace
+from scheduler.planning import percentile_ms
 
 KINDS = ("user_prefill", "decode_only", "decode_and_probes", "probes_only")
 
@@ -20,11 +21,6 @@ def step_kind(step: StepRecord) -> str | None:
     if step.user_tokens > 0:
         return "decode_and_probes" if step.probe_tokens > 0 else "decode_only"
     return "probes_only" if step.probe_tokens > 0 else None
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def summarise_steps(steps: list[StepRecord], start_s: float, end_s: float) -> dict:
@@ -41,10 +37,10 @@ def summarise_steps(steps: list[StepRecord], start_s: float, end_s: float) -> di
         result[kind] = {
             "share_of_steps": len(of_kind) / len(inside),
             "share_of_time": sum(p for _, p in of_kind) / total_s,
-            "period_p50_ms": _quantile(periods_ms, 0.5),
-            "period_p90_ms": _quantile(periods_ms, 0.9),
-            "period_p99_ms": _quantile(periods_ms, 0.99),
-            "forward_p50_ms": _quantile([1000.0 * s.forward_s for s, _ in of_kind], 0.5),
+            "period_p50_ms": percentile_ms(periods_ms, 0.5),
+            "period_p90_ms": percentile_ms(periods_ms, 0.9),
+            "period_p99_ms": percentile_ms(periods_ms, 0.99),
+            "forward_p50_ms": percentile_ms([1000.0 * s.forward_s for s, _ in of_kind], 0.5),
             "probe_tokens_mean": sum(s.probe_tokens for s, _ in of_kind) / len(of_kind),
             "num_probes_mean": sum(s.num_probes for s, _ in of_kind) / len(of_kind),
             "user_tokens_mean": sum(s.user_tokens for s, _ in of_kind) / len(of_kind),

@@ -58,7 +58,10 @@ class GenerationChunk:
 class EngineBinding:
     """Owns the AsyncLLM, its LoRA slot pool and the worker-side master states."""
 
-    def __init__(self, config: EngineConfig, engine, slot_ids: tuple[int, ...], zero_adapter_dir: Path):
+    def __init__(
+        self, config: EngineConfig, engine, slot_ids: tuple[int, ...], zero_adapter_dir: Path,
+        gate_cap: GateCap | None = None,
+    ):
         self.config = config
         self._engine = engine
         self.slot_ids = slot_ids
@@ -68,9 +71,7 @@ class EngineBinding:
         self._disk_slot_lock = asyncio.Lock()
         self.tokenizer = None
         self.probe_lane = ProbeLane() if config.probe_lane else None
-        # The word through which the service's latency controller lowers the step gate's probe cap.
-        cap_path = config.step_gate.cap_path if config.step_gate else None
-        self.gate_cap = GateCap.open(Path(cap_path)) if cap_path else None
+        self.gate_cap = gate_cap  # the word through which the latency controller lowers the step gate's cap
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -82,10 +83,12 @@ class EngineBinding:
         config.apply_process_env()
         work_dir = Path(work_dir or tempfile.mkdtemp(prefix="zoserve-engine-"))
         work_dir.mkdir(parents=True, exist_ok=True)
+        gate_cap = None
         if config.step_gate is not None and config.step_gate.cap_path is None:
-            cap = GateCap.create(work_dir / "step-gate-cap")
-            cap.close()
-            config = dataclasses.replace(config, step_gate=dataclasses.replace(config.step_gate, cap_path=str(cap.path)))
+            gate_cap = GateCap.create(work_dir / "step-gate-cap")
+            config = dataclasses.replace(
+                config, step_gate=dataclasses.replace(config.step_gate, cap_path=str(gate_cap.path))
+            )
         full_shape = LoraShape(config.max_lora_rank, float(config.max_lora_rank), tuple(config.target_modules))
         layout = layout_for_model_dir(config.model, full_shape)
         zero_dir = write_peft_dir(
@@ -95,7 +98,7 @@ class EngineBinding:
         )
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**config.engine_kwargs()))
         # All slots but one are pinned and written in place; the last stays free for PEFT-directory loads.
-        binding = cls(config, engine, tuple(range(1, config.num_slots)), zero_dir)
+        binding = cls(config, engine, tuple(range(1, config.num_slots)), zero_dir, gate_cap)
         binding.tokenizer = AutoTokenizer.from_pretrained(config.model)
         try:
             await binding._register_slots(layout, work_dir)
