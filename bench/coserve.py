@@ -130,6 +130,10 @@ def main() -> None:
         help="seconds vLLM's queue readers spin after a read ('vllm': vLLM's own 1 s; default 0, the service's)",
     )
     parser.add_argument("--no-probe-lane", action="store_true", help="submit probe requests as soon as admitted")
+    parser.add_argument(
+        "--no-batched-scoring", action="store_true",
+        help="one vLLM request per probe sequence through AsyncLLM instead of one engine-core call per chunk",
+    )
     parser.add_argument("--no-hold", action="store_true", help="let chunks enter while a user waits for its first token")
     parser.add_argument("--min-chunks", type=int, default=None, help="co-scheduler budget floor in chunks (default: the service's)")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="co-scheduler probe chunk size (default: the service's)")

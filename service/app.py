@@ -55,6 +55,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         shm_busy_loop_s=settings.shm_busy_loop_s,
         step_gate=step_gate_config(settings),
         probe_lane=settings.probe_lane,
+        batched_scoring=settings.batched_scoring,
     )
 
 

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # Probe requests enter the engine one per event-loop turn, so user HTTP and streaming work on the one
     # loop never waits behind a burst of probe submissions (scheduler/probe_lane.py). False: all at once.
     probe_lane: bool = True
+    # A chunk of probe sequences goes to vLLM's engine core as one call and returns as one reply
+    # (scheduler/engine/score_batches.py); False sends one vLLM request per sequence through AsyncLLM.
+    batched_scoring: bool = True
     data_dir: Path = Path(".zoserve")
     redis_url: str | None = None
     # Full adapter snapshot every N committed versions (replay covers the ones between).

@@ -169,6 +169,7 @@ async def run(args) -> tuple[dict, Raw]:
         coscheduler_hold_chunks_while_users_wait=not args.no_hold,
         shm_busy_loop_s=args.shm_busy_loop_s,
         probe_lane=not args.no_probe_lane,
+        batched_scoring=not args.no_batched_scoring,
         step_gate_tokens_with_users=args.step_gate_tokens,
         **({"step_gate_tokens_with_user_prefill": args.step_gate_prefill_tokens}
            if args.step_gate_prefill_tokens is not None else {}),

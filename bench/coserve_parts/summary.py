@@ -153,6 +153,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "pin_worker_cpus": args.pin_worker_cpus or "not pinned",
             "step_gate": engine.step_gate.to_dict() if engine.step_gate else "off (vLLM's scheduler)",
             "probe_lane": engine.probe_lane,
+            "batched_scoring": engine.batched_scoring,
             "max_num_batched_tokens": engine.max_num_batched_tokens, "max_num_seqs": engine.max_num_seqs,
         },
         "calibration": raw.calibration,

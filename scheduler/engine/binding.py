@@ -24,6 +24,14 @@ from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
 from scheduler.aio import gather_or_cancel
 from scheduler.engine.config import PROBE_PRIORITY, USER_PRIORITY, EngineConfig
 from scheduler.engine.gate_cap import GateCap
+from scheduler.engine.score_wire import (
+    ABORT_BATCH_METHOD,
+    RUNNING_BATCHES_METHOD,
+    SCORE_BATCH_METHOD,
+    ScoreBatch,
+    SlotLora,
+    scores_from_wire,
+)
 from scheduler.engine.worker_extension import layout_to_wire, tensors_from_wire, tensors_to_wire
 from scheduler.errors import EngineSelfTestFailed
 from scheduler.probe_lane import ProbeLane
@@ -33,6 +41,7 @@ from scheduler.zo.lora_layout import LoraLayout, LoraShape, initial_state, layou
 log = logging.getLogger(__name__)
 
 _SELF_TEST_KEY = "__self_test__"
+_DEAD_ENGINE_POLL_S = 1.0  # how often a waiting score batch checks that the engine core is alive
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class EngineBinding:
         self.tokenizer = None
         self.probe_lane = ProbeLane() if config.probe_lane else None
         self.gate_cap = gate_cap  # the word through which the latency controller lowers the step gate's cap
+        self._background: set[asyncio.Task] = set()  # aborts of cancelled score batches
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -164,11 +174,7 @@ class EngineBinding:
             if not await self._engine.add_lora(request):
                 raise EngineSelfTestFailed(f"vLLM could not load the adapter at {adapter_dir}")
             try:
-                return list(
-                    await asyncio.gather(
-                        *(self._score_with(seq, request, f"disk:{lora_id}", PROBE_PRIORITY) for seq in sequences)
-                    )
-                )
+                return await self._score_under(sequences, request, f"disk:{lora_id}", PROBE_PRIORITY)
             finally:
                 await self._engine.remove_lora(lora_id)
 
@@ -239,8 +245,54 @@ class EngineBinding:
         priority: int = PROBE_PRIORITY,
     ) -> list[SequenceScores]:
         """Score every sequence under the state in `slot` (None: the base model), all submitted at once."""
-        lora = self.slot_request(slot) if slot is not None else None
+        return await self._score_under(sequences, self.slot_request(slot) if slot is not None else None, salt, priority)
+
+    async def _score_under(self, sequences: Sequence[ScoringSequence], lora, salt: str, priority: int):
+        if self.config.batched_scoring:
+            return await self._score_batch(tuple(sequences), lora, salt, priority)
         return await gather_or_cancel(self._score_with(seq, lora, salt, priority) for seq in sequences)
+
+    async def _score_batch(
+        self, sequences: tuple[ScoringSequence, ...], lora, salt: str, priority: int
+    ) -> list[SequenceScores]:
+        """The whole batch as one engine-core utility call (engine/score_batches.py); cancelled, its requests
+        are aborted in the engine."""
+        if not sequences:
+            return []
+        slot = None if lora is None else SlotLora(lora.lora_name, lora.lora_int_id, lora.lora_path)
+        batch = ScoreBatch(self._next_request_id("batch"), slot, salt, priority, sequences)
+        if self.probe_lane is not None and priority >= PROBE_PRIORITY:
+            await self.probe_lane.turn()
+        call = asyncio.ensure_future(self._engine.engine_core.call_utility_async(SCORE_BATCH_METHOD, batch.to_wire()))
+        try:
+            # vLLM leaves a pending utility call waiting forever if the engine core dies; look every second.
+            while not (await asyncio.wait((call,), timeout=_DEAD_ENGINE_POLL_S))[0]:
+                if self._engine.errored:
+                    raise self._engine.dead_error
+            rows = call.result()
+        except BaseException:
+            if not call.done():
+                call.cancel()
+                if not self._engine.errored:
+                    self._in_background(self._abort_batch(batch.batch_id))
+            raise
+        return [SequenceScores(row) for row in scores_from_wire(rows, len(sequences))]
+
+    async def score_batches_running(self) -> tuple[int, int]:
+        """(batches, requests) the engine core is still answering (batched scoring)."""
+        batches, requests = await self._engine.engine_core.call_utility_async(RUNNING_BATCHES_METHOD)
+        return int(batches), int(requests)
+
+    async def _abort_batch(self, batch_id: str) -> None:
+        try:
+            await self._engine.engine_core.call_utility_async(ABORT_BATCH_METHOD, batch_id)
+        except Exception as exc:  # the engine is going down; its own error reaches the callers
+            log.warning("could not abort score batch %s: %s", batch_id, exc)
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _score_with(self, seq: ScoringSequence, lora, salt: str, priority: int) -> SequenceScores:
         from vllm import SamplingParams

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from scheduler.engine.vllm_plugin import BUSY_LOOP_ENV
 from scheduler.planning.step_gate import StepGateConfig
 
-# vLLM's scheduler with the per-step probe gate (engine/step_gate_scheduler.py) and the key of its settings in
-# vLLM's `additional_config`; named here so that building engine arguments does not import vLLM.
+# vLLM's scheduler with the per-step probe gate and batched scoring (engine/step_gate_scheduler.py) and the key of
+# the gate's settings in vLLM's `additional_config`; named here so that building engine arguments does not
+# import vLLM.
 STEP_GATE_SCHEDULER_CLS = "scheduler.engine.step_gate_scheduler.make_step_gate_scheduler"
 STEP_GATE_CONFIG_KEY = "zoserve_step_gate"
 
@@ -39,6 +40,11 @@ class EngineConfig:
     # Probe requests enter the engine one per event-loop turn (scheduler/probe_lane.py), so a burst of them
     # never holds up user work on the service's loop; False submits each as soon as its chunk is admitted.
     probe_lane: bool = True
+    # A chunk of scoring sequences goes to the engine core as one utility call and comes back as one reply
+    # (engine/score_batches.py) instead of one `AsyncLLM.generate` per sequence; needs zoserve's scheduler,
+    # which this turns on even without a step gate. False: one request per sequence, vLLM's scheduler unless
+    # a step gate is set.
+    batched_scoring: bool = True
     seed: int = 0
 
     def apply_process_env(self) -> None:
@@ -72,13 +78,11 @@ class EngineConfig:
             enable_prefix_caching=self.enable_prefix_caching,
             disable_log_stats=False,
             seed=self.seed,
-            **self._step_gate_kwargs(),
+            **self._scheduler_kwargs(),
         )
 
-    def _step_gate_kwargs(self) -> dict:
-        if self.step_gate is None:
+    def _scheduler_kwargs(self) -> dict:
+        if self.step_gate is None and not self.batched_scoring:
             return {}
-        return dict(
-            scheduler_cls=STEP_GATE_SCHEDULER_CLS,
-            additional_config={STEP_GATE_CONFIG_KEY: self.step_gate.to_dict()},
-        )
+        gate = self.step_gate.to_dict() if self.step_gate is not None else None
+        return dict(scheduler_cls=STEP_GATE_SCHEDULER_CLS, additional_config={STEP_GATE_CONFIG_KEY: gate})

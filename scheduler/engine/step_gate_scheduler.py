@@ -8,6 +8,10 @@ names this class only together with them). Before each `schedule()` the probes t
 taken out of the waiting queue and put back right after, so vLLM's own scheduling (priority order, KV and
 LoRA limits, chunked prefill) decides everything else unchanged. Only never-scheduled waiting probes are held
 back; running requests and requests holding KV blocks are left alone.
+
+The same class carries batched scoring (engine/score_batches.py): the engine core's `zo_score_batch` utility
+adds a chunk's scoring requests here, and `update_from_output` takes their results out of each step's outputs.
+With batched scoring on and no gate settings, `schedule()` is vLLM's own.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import PriorityRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from scheduler.engine.config import STEP_GATE_CONFIG_KEY
+from scheduler.engine.config import PROBE_PRIORITY, STEP_GATE_CONFIG_KEY
 from scheduler.engine.gate_cap import GateCap
+from scheduler.engine.score_batches import ScoreBatches, install_engine_core_methods
 from scheduler.engine.step_trace import StepTracer
 from scheduler.planning.step_gate import StepGateConfig, StepView, num_admitted, step_allowance
 
@@ -35,22 +40,28 @@ def make_step_gate_scheduler(vllm_config, *args, **kwargs) -> Scheduler:
 
 
 class _StepGate:
-    """Mixed in front of one of vLLM's schedulers; everything but `schedule()` is theirs."""
+    """Mixed in front of one of vLLM's schedulers; everything but `schedule()` and the outputs of batched
+    scoring requests is theirs."""
 
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         extra = vllm_config.additional_config
-        values = extra.get(STEP_GATE_CONFIG_KEY) if isinstance(extra, dict) else None
-        if not values:
-            raise ValueError(f"the zoserve step gate needs its settings in additional_config[{STEP_GATE_CONFIG_KEY!r}]")
-        self.step_gate = StepGateConfig.from_dict(values)
-        if not isinstance(self.waiting, PriorityRequestQueue):
+        if not isinstance(extra, dict) or STEP_GATE_CONFIG_KEY not in extra:
+            raise ValueError(f"zoserve's scheduler needs additional_config[{STEP_GATE_CONFIG_KEY!r}] (None: no gate)")
+        values = extra[STEP_GATE_CONFIG_KEY]
+        self.step_gate = StepGateConfig.from_dict(values) if values else None
+        if self.step_gate is not None and not isinstance(self.waiting, PriorityRequestQueue):
             raise ValueError("the zoserve step gate needs scheduling_policy='priority'")
         self._last_user_seen_s: float | None = None
         self.num_probes_held_back = 0  # steps x probes, for tests and debugging
-        self._tracer = StepTracer.from_env(self.step_gate.probe_priority)  # ZOSERVE_STEP_TRACE: one line a step
-        cap_path = self.step_gate.cap_path
+        probe_priority = self.step_gate.probe_priority if self.step_gate is not None else PROBE_PRIORITY
+        self._tracer = StepTracer.from_env(probe_priority)  # ZOSERVE_STEP_TRACE: one line a step
+        cap_path = self.step_gate.cap_path if self.step_gate is not None else None
         self._cap = GateCap.open(Path(cap_path)) if cap_path else None
+        self.score_batches = ScoreBatches()
+        from vllm.v1.engine.core import EngineCore
+
+        install_engine_core_methods(EngineCore)
 
     def schedule(self, *args, **kwargs):
         if self._tracer is None:
@@ -61,14 +72,16 @@ class _StepGate:
         return output
 
     def update_from_output(self, *args, **kwargs):
-        if self._tracer is None:
-            return super().update_from_output(*args, **kwargs)
-        start_s = time.time()
+        start_s = time.time() if self._tracer is not None else 0.0
         outputs = super().update_from_output(*args, **kwargs)
-        self._tracer.updated(start_s)
+        self.score_batches.take_outputs(outputs)
+        if self._tracer is not None:
+            self._tracer.updated(start_s)
         return outputs
 
     def _gated_schedule(self, *args, **kwargs):
+        if self.step_gate is None:
+            return super().schedule(*args, **kwargs)
         allowance = self._step_allowance()
         if allowance is None:
             return super().schedule(*args, **kwargs)

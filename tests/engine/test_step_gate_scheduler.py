@@ -25,8 +25,16 @@ BLOCK = 32
 PROMPT = 40  # tokens per probe or user prompt
 
 
-def make_scheduler(model_dir: str, gate: StepGateConfig | None, max_num_batched_tokens: int = 2048, async_scheduling=False):
-    engine = EngineConfig(model=model_dir, step_gate=gate, max_num_batched_tokens=max_num_batched_tokens)
+def make_scheduler(
+    model_dir: str,
+    gate: StepGateConfig | None,
+    max_num_batched_tokens: int = 2048,
+    async_scheduling=False,
+    batched_scoring: bool = True,
+):
+    engine = EngineConfig(
+        model=model_dir, step_gate=gate, max_num_batched_tokens=max_num_batched_tokens, batched_scoring=batched_scoring
+    )
     kwargs = engine.engine_kwargs()
     vllm_config = VllmConfig(
         model_config=ModelConfig(model=model_dir, dtype="float32", max_model_len=512),
@@ -96,7 +104,21 @@ def test_engine_config_names_a_loadable_scheduler(opt_model_dir):
     module, _, name = kwargs["scheduler_cls"].rpartition(".")
     factory = getattr(importlib.import_module(module), name)
     assert callable(factory)
-    assert "scheduler_cls" not in EngineConfig(model=opt_model_dir).engine_kwargs()
+    # Batched scoring needs zoserve's scheduler even without a gate; with neither, vLLM's own runs.
+    assert EngineConfig(model=opt_model_dir).engine_kwargs()["scheduler_cls"] == kwargs["scheduler_cls"]
+    assert "scheduler_cls" not in EngineConfig(model=opt_model_dir, batched_scoring=False).engine_kwargs()
+
+
+def test_without_gate_settings_zoserves_scheduler_schedules_as_vllm_does(opt_model_dir):
+    ungated = make_scheduler(opt_model_dir, None)
+    stock = make_scheduler(opt_model_dir, None, batched_scoring=False)
+    assert ungated.step_gate is None and hasattr(ungated, "score_batches")
+    assert not hasattr(stock, "score_batches")
+    for scheduler in (ungated, stock):
+        for _ in range(30):
+            add(scheduler, PROBE_PRIORITY)
+        add(scheduler, USER_PRIORITY, max_tokens=16, arrival=1e9)
+    assert tokens_by_class(ungated.schedule()) == tokens_by_class(stock.schedule()) == (PROMPT, 30 * PROMPT)
 
 
 def test_the_gate_keeps_vllms_async_scheduler_when_vllm_chose_it(opt_model_dir):
@@ -137,7 +159,7 @@ def test_a_users_prefill_runs_without_probes_then_probes_are_capped(opt_model_di
 
 def test_stock_scheduler_packs_probes_with_the_users_prefill(opt_model_dir):
     """The behaviour the gate exists to change; if vLLM changed it, this test says so."""
-    scheduler = make_scheduler(opt_model_dir, None)
+    scheduler = make_scheduler(opt_model_dir, None, batched_scoring=False)
     for _ in range(30):
         add(scheduler, PROBE_PRIORITY)
     user = add(scheduler, USER_PRIORITY, max_tokens=16, arrival=1e9)
