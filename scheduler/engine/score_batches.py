@@ -3,7 +3,8 @@
 The service sends a chunk as one `zo_score_batch` utility call (engine/score_wire.py). This module, loaded in
 vLLM's engine-core process with zoserve's scheduler (engine/step_gate_scheduler.py), turns the chunk into
 ordinary vLLM requests (one per sequence, the same sampling parameters `AsyncLLM.generate` would have sent,
-the state's cache salt, the probe priority), adds them to the scheduler, and answers the call with a
+the state's cache salt, the probe priority; built on a thread of its own while the main thread waits for the
+forward), adds them to the scheduler, and answers the call with a
 `concurrent.futures.Future` that vLLM's utility handling replies with once it is resolved (vLLM defers a
 utility's reply until a returned future completes). The scheduler hands every step's outputs through
 `take_outputs`, which keeps the batch requests' log-probs and removes their outputs, so the service's output
@@ -16,10 +17,16 @@ prefill, preemption. `zo_abort_batch` aborts what is left of a batch (a cancelle
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from concurrent.futures import Future
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+from vllm import SamplingParams
+from vllm.lora.request import LoRARequest
+from vllm.v1.engine import EngineCoreRequest, EngineCoreRequestType
 
 from scheduler.engine.score_wire import ABORT_BATCH_METHOD, RUNNING_BATCHES_METHOD, SCORE_BATCH_METHOD, ScoreBatch
 from scheduler.scoring import ScoringSequence
@@ -32,19 +39,31 @@ _INSTALLED_MARK = "_zoserve_score_batches_installed"
 @dataclass
 class _Pending:
     future: Future
-    sequences: tuple[ScoringSequence, ...]
     request_ids: list[str]
     rows: list[list[float] | None]
     prompt_rows: list[list[float]] = field(default_factory=list)  # prompt log-probs gathered so far, per sequence
     remaining: int = 0
+    sequences: tuple[ScoringSequence, ...] | None = None  # set once built
+    in_scheduler: bool = False
 
 
 class ScoreBatches:
-    """The batches the engine core added itself, and which of the scheduler's requests answer which batch."""
+    """The batches the engine core added itself, and which of the scheduler's requests answer which batch.
 
-    def __init__(self) -> None:
+    The engine core's main thread runs the whole step loop (schedule, wait for the forward, update) and every
+    utility call in between, so whatever a utility call costs lengthens the step users wait on. `submit` (a
+    utility call) therefore only registers the batch; a builder thread parses it, checks it and builds vLLM's
+    `Request`s while the main thread waits on the worker (as vLLM's own input thread does for ordinary
+    requests), then wakes the loop; the scheduler adds the built requests at its next `has_requests` or
+    `schedule` (`add_built`). Every dict here is touched by the main thread only; the builder hands over
+    through a deque.
+    """
+
+    def __init__(self, build_in_thread: bool = True) -> None:
         self._batches: dict[str, _Pending] = {}
         self._owner: dict[str, tuple[str, int]] = {}  # request id -> (batch id, index in the batch)
+        self._built: deque[tuple[str, object]] = deque()  # (batch id, (sequences, requests) or the error)
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="zoserve-score-batches") if build_in_thread else None
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -54,30 +73,61 @@ class ScoreBatches:
         return len(self._owner)
 
     def submit(self, engine_core, wire) -> Future:
-        """Add the batch's requests to the engine core; the future resolves to one row of log-probs each."""
-        batch = ScoreBatch.from_wire(wire)
-        if batch.batch_id in self._batches:
-            raise ValueError(f"score batch {batch.batch_id!r} is already running")
-        model_config = engine_core.vllm_config.model_config
-        _validate(batch, model_config.max_model_len, model_config.get_vocab_size())
-        requests = [_engine_request(batch, i) for i in range(len(batch.sequences))]
+        """Register the batch and have its requests built; the future resolves to one row of log-probs each."""
+        if not isinstance(wire, (list, tuple)) or len(wire) != 5 or not isinstance(wire[4], (list, tuple)):
+            raise ValueError(f"a score batch is (batch_id, lora, salt, priority, sequences), got {wire!r:.200}")
+        batch_id, n = wire[0], len(wire[4])
+        if not isinstance(batch_id, str) or not batch_id:
+            raise ValueError(f"batch_id must be a non-empty string, got {batch_id!r}")
+        if batch_id in self._batches:
+            raise ValueError(f"score batch {batch_id!r} is already running")
         future: Future = Future()
-        n = len(requests)
-        pending = _Pending(future, batch.sequences, [r.request_id for r in requests], [None] * n, [[] for _ in range(n)], n)
         if n == 0:
             future.set_result([])
             return future
-        self._batches[batch.batch_id] = pending
-        for i, request in enumerate(requests):
-            self._owner[request.request_id] = (batch.batch_id, i)
-        try:
-            for request in requests:
-                engine_core.add_request(*engine_core.preprocess_add_request(request))
-        except BaseException:
-            self._forget(batch.batch_id)
-            engine_core.abort_requests([r.request_id for r in requests])
-            raise
+        request_ids = [_request_id(batch_id, i) for i in range(n)]
+        self._batches[batch_id] = _Pending(future, request_ids, [None] * n, [[] for _ in range(n)], n)
+        for i, rid in enumerate(request_ids):
+            self._owner[rid] = (batch_id, i)
+        if self._builder is None:
+            self._build(engine_core, wire)
+        else:
+            self._builder.submit(self._build, engine_core, wire)
         return future
+
+    def add_built(self, scheduler) -> None:
+        """Main thread: add the requests of every batch built since the last call to `scheduler`."""
+        while self._built:
+            batch_id, built = self._built.popleft()
+            pending = self._batches.get(batch_id)
+            if pending is None:  # aborted while it was being built
+                continue
+            if isinstance(built, BaseException):
+                self._forget(batch_id)
+                pending.future.set_exception(built)
+                continue
+            pending.sequences, requests = built
+            for request in requests:
+                scheduler.add_request(request)
+            pending.in_scheduler = True
+
+    def close(self) -> None:
+        if self._builder is not None:
+            self._builder.shutdown(wait=False, cancel_futures=True)
+
+    def _build(self, engine_core, wire) -> None:
+        """Builder thread (or the caller without one): parse, check, build; never touches the dicts."""
+        try:
+            batch = ScoreBatch.from_wire(wire)
+            model_config = engine_core.vllm_config.model_config
+            _validate(batch, model_config.max_model_len, model_config.get_vocab_size())
+            requests = [engine_core.preprocess_add_request(r)[0] for r in _engine_requests(batch)]
+            self._built.append((batch.batch_id, (batch.sequences, requests)))
+        except BaseException as exc:  # the caller gets it through the batch's future
+            self._built.append((wire[0], exc))
+        wake = getattr(engine_core, "input_queue", None)  # the busy loop may be blocked waiting for input
+        if wake is not None:
+            wake.put_nowait((EngineCoreRequestType.WAKEUP, None))
 
     def abort(self, engine_core, batch_id: str) -> bool:
         """Abort what is left of a batch; False when it is not running (finished already, or never sent)."""
@@ -85,7 +135,7 @@ class ScoreBatches:
         if pending is None:
             return False
         unfinished = [rid for rid, row in zip(pending.request_ids, pending.rows) if row is None]
-        if unfinished:
+        if unfinished and pending.in_scheduler:
             engine_core.abort_requests(unfinished)
         if not pending.future.done():
             pending.future.set_result(None)
@@ -166,30 +216,34 @@ def _validate(batch: ScoreBatch, max_model_len: int, vocab_size: int) -> None:
             raise ValueError(f"sequence {i} of batch {batch.batch_id!r}: target_start {seq.target_start} not in 1..{n}")
 
 
-def _engine_request(batch: ScoreBatch, index: int):
-    """What `AsyncLLM.generate` would have sent for one sequence (binding.py's per-request path)."""
-    from vllm import SamplingParams
-    from vllm.lora.request import LoRARequest
-    from vllm.v1.engine import EngineCoreRequest
+def _request_id(batch_id: str, index: int) -> str:
+    return f"{_REQUEST_PREFIX}{batch_id}:{index}"
 
-    seq = batch.sequences[index]
-    wanted = dict(logprob_token_ids=list(seq.candidate_ids)) if seq.candidate_ids else dict(prompt_logprobs=0)
-    params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, **wanted)
+
+def _engine_requests(batch: ScoreBatch) -> list[EngineCoreRequest]:
+    """What `AsyncLLM.generate` would have sent for each sequence (binding.py's per-request path)."""
     lora = None if batch.lora is None else LoRARequest(batch.lora.name, batch.lora.int_id, batch.lora.path)
-    request_id = f"{_REQUEST_PREFIX}{batch.batch_id}:{index}"
-    return EngineCoreRequest(
-        request_id=request_id,
-        prompt_token_ids=list(seq.token_ids),
-        mm_features=None,
-        sampling_params=params,
-        pooling_params=None,
-        arrival_time=time.time(),
-        lora_request=lora,
-        cache_salt=batch.salt,
-        data_parallel_rank=None,
-        priority=batch.priority,
-        external_req_id=request_id,
-    )
+    now = time.time()
+    requests = []
+    for index, seq in enumerate(batch.sequences):
+        wanted = dict(logprob_token_ids=list(seq.candidate_ids)) if seq.candidate_ids else dict(prompt_logprobs=0)
+        request_id = _request_id(batch.batch_id, index)
+        requests.append(
+            EngineCoreRequest(
+                request_id=request_id,
+                prompt_token_ids=list(seq.token_ids),
+                mm_features=None,
+                sampling_params=SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, **wanted),
+                pooling_params=None,
+                arrival_time=now,
+                lora_request=lora,
+                cache_salt=batch.salt,
+                data_parallel_rank=None,
+                priority=batch.priority,
+                external_req_id=request_id,
+            )
+        )
+    return requests
 
 
 def install_engine_core_methods(engine_core_cls) -> None:
@@ -207,6 +261,9 @@ def install_engine_core_methods(engine_core_cls) -> None:
         batches = _batches_of(self)
         return len(batches), batches.num_requests
 
+    for method in (zo_score_batch, zo_abort_batch, zo_score_batches_running):
+        # vLLM inspects a utility method's signature on every call; computed once here, that costs nothing.
+        method.__signature__ = inspect.signature(method)
     setattr(engine_core_cls, SCORE_BATCH_METHOD, zo_score_batch)
     setattr(engine_core_cls, ABORT_BATCH_METHOD, zo_abort_batch)
     setattr(engine_core_cls, RUNNING_BATCHES_METHOD, zo_score_batches_running)

@@ -63,7 +63,16 @@ class _StepGate:
 
         install_engine_core_methods(EngineCore)
 
+    def has_requests(self) -> bool:
+        self.score_batches.add_built(self)
+        return super().has_requests()
+
+    def shutdown(self) -> None:
+        self.score_batches.close()
+        super().shutdown()
+
     def schedule(self, *args, **kwargs):
+        self.score_batches.add_built(self)
         if self._tracer is None:
             return self._gated_schedule(*args, **kwargs)
         start_s = time.time()

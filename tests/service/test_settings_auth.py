@@ -36,3 +36,14 @@ def test_open_without_keys_and_closed_planes_once_any_key_exists():
     with pytest.raises(AuthError) as err:
         check_key(only_inference, None, Scope.ADMIN)
     assert err.value.status_code == 401
+
+
+def test_batched_scoring_setting_reaches_the_engine_config(monkeypatch, tmp_path):
+    from service.app import engine_config
+
+    model = str(tmp_path / "model")
+    assert engine_config(Settings(model=model)).batched_scoring is True
+    monkeypatch.setenv("ZOSERVE_BATCHED_SCORING", "false")
+    config = engine_config(Settings(model=model))
+    assert config.batched_scoring is False
+    assert "scheduler_cls" in config.engine_kwargs()  # the default step gate still needs zoserve's scheduler

@@ -3,6 +3,7 @@ stand-in engine core that builds vLLM `Request`s the way the real one does."""
 
 from __future__ import annotations
 
+import queue
 from concurrent.futures import Future
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequestType, FinishReason
 from vllm.v1.outputs import LogprobsLists, LogprobsTensors
 from vllm.v1.request import Request
 
@@ -23,22 +24,30 @@ VOCAB = 64
 
 
 class FakeEngineCore:
-    """What `ScoreBatches` uses of vLLM's EngineCore: its config, request intake and abort."""
+    """What `ScoreBatches` uses of vLLM's EngineCore: its config, request preprocessing, abort and input queue;
+    and of its scheduler, `add_request`."""
 
     def __init__(self, max_model_len: int = 32) -> None:
         model_config = SimpleNamespace(max_model_len=max_model_len, get_vocab_size=lambda: VOCAB)
         self.vllm_config = SimpleNamespace(model_config=model_config)
         self.added: list[Request] = []
         self.aborted: list[str] = []
+        self.input_queue: queue.Queue = queue.Queue()
 
     def preprocess_add_request(self, request):
         return Request.from_engine_core_request(request, None), 0
 
-    def add_request(self, request: Request, wave: int = 0) -> None:
+    def add_request(self, request: Request) -> None:  # the scheduler's
         self.added.append(request)
 
     def abort_requests(self, request_ids) -> None:
         self.aborted.extend(request_ids)
+
+
+def submitted(core: FakeEngineCore, batches: ScoreBatches, wire) -> Future:
+    future = batches.submit(core, wire)
+    batches.add_built(core)
+    return future
 
 
 def batch(batch_id: str, sequences, lora=SlotLora("zoslot-3", 3, "/zero"), salt="job:7", priority=PROBE_PRIORITY):
@@ -81,9 +90,9 @@ def test_the_wire_round_trips_and_rejects_what_it_cannot_read():
 
 
 def test_a_batch_becomes_vllm_requests_and_resolves_when_its_last_output_is_in():
-    core, batches = FakeEngineCore(), ScoreBatches()
+    core, batches = FakeEngineCore(), ScoreBatches(build_in_thread=False)
     sequences = [ScoringSequence((1, 2, 3), candidate_ids=(7, 9)), ScoringSequence((1, 2, 3, 4), candidate_ids=(11,))]
-    future = batches.submit(core, batch("b1", sequences))
+    future = submitted(core, batches, batch("b1", sequences))
     assert isinstance(future, Future) and not future.done()
     first, second = core.added
     assert first.prompt_token_ids == [1, 2, 3] and first.priority == PROBE_PRIORITY and first.cache_salt == "job:7"
@@ -103,8 +112,8 @@ def test_a_batch_becomes_vllm_requests_and_resolves_when_its_last_output_is_in()
 
 
 def test_prompt_log_probs_gather_across_steps_and_start_at_the_target():
-    core, batches = FakeEngineCore(), ScoreBatches()
-    future = batches.submit(core, batch("b2", [ScoringSequence((1, 2, 3, 4, 5), target_start=3)], lora=None))
+    core, batches = FakeEngineCore(), ScoreBatches(build_in_thread=False)
+    future = submitted(core, batches, batch("b2", [ScoringSequence((1, 2, 3, 4, 5), target_start=3)], lora=None))
     (request,) = core.added
     assert request.lora_request is None and request.sampling_params.prompt_logprobs == 0
     batches.take_outputs({0: EngineCoreOutputs(outputs=[prompt_output(request.request_id, [-1.0, -2.0], False)])})
@@ -115,9 +124,9 @@ def test_prompt_log_probs_gather_across_steps_and_start_at_the_target():
 
 
 def test_abort_takes_out_what_is_left_and_answers_none():
-    core, batches = FakeEngineCore(), ScoreBatches()
+    core, batches = FakeEngineCore(), ScoreBatches(build_in_thread=False)
     sequences = [ScoringSequence((1, 2, 3), candidate_ids=(7,)) for _ in range(3)]
-    future = batches.submit(core, batch("b3", sequences))
+    future = submitted(core, batches, batch("b3", sequences))
     done_id = core.added[0].request_id
     batches.take_outputs({0: EngineCoreOutputs(outputs=[candidate_output(done_id, [-1.0])])})
     assert batches.abort(core, "b3") is True
@@ -128,9 +137,9 @@ def test_abort_takes_out_what_is_left_and_answers_none():
 
 
 def test_a_request_that_ends_without_its_log_probs_fails_only_its_batch():
-    core, batches = FakeEngineCore(), ScoreBatches()
-    broken = batches.submit(core, batch("b4", [ScoringSequence((1, 2), candidate_ids=(3,))]))
-    healthy = batches.submit(core, batch("b5", [ScoringSequence((1, 2), candidate_ids=(3,))]))
+    core, batches = FakeEngineCore(), ScoreBatches(build_in_thread=False)
+    broken = submitted(core, batches, batch("b4", [ScoringSequence((1, 2), candidate_ids=(3,))]))
+    healthy = submitted(core, batches, batch("b5", [ScoringSequence((1, 2), candidate_ids=(3,))]))
     broken_id, healthy_id = (r.request_id for r in core.added)
     aborted = EngineCoreOutput(broken_id, [], finish_reason=FinishReason.ABORT)
     batches.take_outputs({0: EngineCoreOutputs(outputs=[aborted, candidate_output(healthy_id, [-0.25])])})
@@ -140,10 +149,13 @@ def test_a_request_that_ends_without_its_log_probs_fails_only_its_batch():
 
 
 def test_bad_batches_are_refused_before_anything_reaches_the_scheduler():
-    core, batches = FakeEngineCore(max_model_len=8), ScoreBatches()
-    batches.submit(core, batch("dup", [ScoringSequence((1, 2), candidate_ids=(3,))]))
+    core, batches = FakeEngineCore(max_model_len=8), ScoreBatches(build_in_thread=False)
+    submitted(core, batches, batch("dup", [ScoringSequence((1, 2), candidate_ids=(3,))]))
+    with pytest.raises(ValueError, match="already running"):
+        batches.submit(core, batch("dup", [ScoringSequence((1, 2), candidate_ids=(3,))]))
+    with pytest.raises(ValueError, match="a score batch is"):
+        batches.submit(core, ("only an id",))
     cases = {
-        "already running": batch("dup", [ScoringSequence((1, 2), candidate_ids=(3,))]),
         "has 8 tokens": batch("long", [ScoringSequence(tuple(range(1, 9)), candidate_ids=(3,))]),
         "token id outside": batch("tok", [ScoringSequence((1, VOCAB), candidate_ids=(3,))]),
         "candidate outside": batch("cand", [ScoringSequence((1, 2), candidate_ids=(VOCAB,))]),
@@ -151,11 +163,32 @@ def test_bad_batches_are_refused_before_anything_reaches_the_scheduler():
     }
     for message, wire in cases.items():
         with pytest.raises(ValueError, match=message):
-            batches.submit(core, wire)
+            submitted(core, batches, wire).result()
     assert len(core.added) == 1 and (len(batches), batches.num_requests) == (1, 1)
 
 
-def test_an_empty_batch_resolves_at_once():
+def test_the_builder_thread_builds_off_the_main_thread_and_wakes_the_loop():
     core, batches = FakeEngineCore(), ScoreBatches()
+    future = batches.submit(core, batch("t1", [ScoringSequence((1, 2, 3), candidate_ids=(7,))] * 3))
+    assert core.input_queue.get(timeout=5) == (EngineCoreRequestType.WAKEUP, None)
+    assert core.added == []  # nothing reaches the scheduler before the main thread takes it
+    batches.add_built(core)
+    assert len(core.added) == 3
+    batches.take_outputs({0: EngineCoreOutputs(outputs=[candidate_output(r.request_id, [-1.0]) for r in core.added])})
+    assert future.result(timeout=5) == [[-1.0]] * 3
+    batches.close()
+
+
+def test_a_batch_aborted_while_it_is_built_never_reaches_the_scheduler():
+    core, batches = FakeEngineCore(), ScoreBatches(build_in_thread=False)
+    future = batches.submit(core, batch("t2", [ScoringSequence((1, 2, 3), candidate_ids=(7,))] * 2))
+    assert batches.abort(core, "t2") is True and future.result() is None
+    batches.add_built(core)
+    assert core.added == [] and core.aborted == []
+    assert (len(batches), batches.num_requests) == (0, 0)
+
+
+def test_an_empty_batch_resolves_at_once():
+    core, batches = FakeEngineCore(), ScoreBatches(build_in_thread=False)
     assert batches.submit(core, batch("empty", [])).result() == []
     assert core.added == [] and len(batches) == 0
