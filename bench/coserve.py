@@ -105,6 +105,10 @@ def main() -> None:
     parser.add_argument("--num-slots", type=int, default=16, help="3 users x 2 + 2 jobs x (2 serving + 2q probe) + 1")
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--load-fraction", type=float, default=0.3)
+    parser.add_argument(
+        "--users-rate-per-s", type=float, default=None,
+        help="offered user load in completions/s instead of --load-fraction x the calibrated capacity (A/B runs)",
+    )
     parser.add_argument("--requests-per-phase", type=int, default=600)
     parser.add_argument("--min-phase-s", type=float, default=60.0)
     parser.add_argument("--max-phase-s", type=float, default=100.0)

@@ -71,7 +71,9 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         await load.open_loop("warmup", prompts, [0.0])  # start the client process before anything is timed
         print("calibrating: closed loop, streaming completions alone ...", flush=True)
         calibration = await load.closed_loop(prompts, args.calibrate_concurrency, args.calibrate_warmup_s, args.calibrate_s)
-        rate = args.load_fraction * calibration["completions_per_s"]
+        # --users-rate-per-s fixes the offered load (A/B runs: calibration drifts by ±20 % between runs here);
+        # the calibration still runs and is reported.
+        rate = args.users_rate_per_s or args.load_fraction * calibration["completions_per_s"]
         duration = min(args.max_phase_s, max(args.min_phase_s, args.requests_per_phase / rate))
         offsets = poisson_offsets(rate, duration, args.seed)  # the same arrivals in both user phases
         print(

@@ -141,7 +141,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
         "jobs_status_before_cancel": raw.job_states,
         "config": {
             "model": args.model, "dtype": args.dtype, "num_slots": args.num_slots, "output_tokens": args.output_tokens,
-            "load_fraction": args.load_fraction, "rate_per_s": raw.rate_per_s, "phase_s": raw.phase_s, "seed": args.seed,
+            "load_fraction": args.load_fraction if args.users_rate_per_s is None else "fixed rate (--users-rate-per-s)", "rate_per_s": raw.rate_per_s, "phase_s": raw.phase_s, "seed": args.seed,
             "zo_batch_size": args.zo_batch_size, "zo_num_directions": args.zo_q,
             "coscheduler_target_ttft_ms": args.target_ttft_ms if args.target_ttft_ms is not None else "service default",
             "coscheduler_chunk_tokens": args.chunk_tokens if args.chunk_tokens is not None else "service default",
