@@ -84,9 +84,10 @@ async def live(engine, tmp_path_factory) -> AsyncIterator[Live]:
     while (await admin.get(f"/v1/jobs/{job['id']}")).json()["step"] < 2:
         await asyncio.sleep(0.2)
     traffic = asyncio.create_task(_traffic(url))
-    prom = PromHarness([f"127.0.0.1:{port}"], workdir=work / "prom", scrape_interval="1s")
-    await asyncio.to_thread(prom.start)
-    try:
+    prom = None
+    try:  # a Prometheus that cannot start must not leave the job and the traffic running on the session engine
+        prom = PromHarness([f"127.0.0.1:{port}"], workdir=work / "prom", scrape_interval="1s")
+        await asyncio.to_thread(prom.start)
         await asyncio.to_thread(prom.wait_for, prom.targets_up, 30, "zoserve scraped")
         yield Live(prom, url)
     finally:
@@ -95,7 +96,8 @@ async def live(engine, tmp_path_factory) -> AsyncIterator[Live]:
             await traffic
         await admin.post(f"/v1/jobs/{job['id']}/cancel")
         await admin.aclose()
-        await asyncio.to_thread(prom.stop)
+        if prom is not None:
+            await asyncio.to_thread(prom.stop)
         server.should_exit = True
         await serving
 
