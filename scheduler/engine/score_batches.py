@@ -63,6 +63,7 @@ class ScoreBatches:
         self._batches: dict[str, _Pending] = {}
         self._owner: dict[str, tuple[str, int]] = {}  # request id -> (batch id, index in the batch)
         self._built: deque[tuple[str, object]] = deque()  # (batch id, (sequences, requests) or the error)
+        self._to_abort: list[str] = []
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="zoserve-score-batches") if build_in_thread else None
 
     def __len__(self) -> int:
@@ -141,10 +142,12 @@ class ScoreBatches:
             pending.future.set_result(None)
         return True
 
-    def take_outputs(self, outputs_by_client: dict) -> None:
-        """Keep the batch requests' results from one step's `EngineCoreOutputs` and remove their outputs."""
+    def take_outputs(self, outputs_by_client: dict) -> list[str]:
+        """Keep the batch requests' results from one step's `EngineCoreOutputs` and remove their outputs.
+        Returns the requests the scheduler should abort: the rest of any batch that failed in this step."""
+        self._to_abort: list[str] = []
         if not self._owner or not outputs_by_client:
-            return
+            return self._to_abort
         for engine_outputs in outputs_by_client.values():
             kept = []
             for output in engine_outputs.outputs:
@@ -158,6 +161,7 @@ class ScoreBatches:
             finished = engine_outputs.finished_requests
             if finished:
                 engine_outputs.finished_requests = {r for r in finished if not r.startswith(_REQUEST_PREFIX)} or None
+        return self._to_abort
 
     # ----------------------------------------------------------------- internals
     def _record(self, owner: tuple[str, int], output) -> None:
@@ -173,6 +177,9 @@ class ScoreBatches:
         scored = pending.prompt_rows[index]
         complete = output.new_logprobs is not None if sequence.candidate_ids else len(scored) == len(sequence.token_ids) - 1
         if not complete:  # aborted or failed inside vLLM: this batch fails, the engine goes on
+            self._to_abort.extend(
+                rid for rid, row in zip(pending.request_ids, pending.rows) if row is None and rid != output.request_id
+            )
             self._forget(batch_id)
             pending.future.set_exception(
                 RuntimeError(f"score request {output.request_id} finished ({output.finish_reason}) without its log-probs")

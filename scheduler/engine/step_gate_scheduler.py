@@ -22,6 +22,7 @@ from pathlib import Path
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import PriorityRequestQueue
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
 
 from scheduler.engine.config import PROBE_PRIORITY, STEP_GATE_CONFIG_KEY
 from scheduler.engine.gate_cap import GateCap
@@ -83,7 +84,9 @@ class _StepGate:
     def update_from_output(self, *args, **kwargs):
         start_s = time.time() if self._tracer is not None else 0.0
         outputs = super().update_from_output(*args, **kwargs)
-        self.score_batches.take_outputs(outputs)
+        failed = self.score_batches.take_outputs(outputs)
+        if failed:  # the rest of a batch that cannot be answered any more
+            self.finish_requests(failed, RequestStatus.FINISHED_ABORTED)
         if self._tracer is not None:
             self._tracer.updated(start_s)
         return outputs

@@ -142,10 +142,23 @@ def test_a_request_that_ends_without_its_log_probs_fails_only_its_batch():
     healthy = submitted(core, batches, batch("b5", [ScoringSequence((1, 2), candidate_ids=(3,))]))
     broken_id, healthy_id = (r.request_id for r in core.added)
     aborted = EngineCoreOutput(broken_id, [], finish_reason=FinishReason.ABORT)
-    batches.take_outputs({0: EngineCoreOutputs(outputs=[aborted, candidate_output(healthy_id, [-0.25])])})
+    to_abort = batches.take_outputs({0: EngineCoreOutputs(outputs=[aborted, candidate_output(healthy_id, [-0.25])])})
     with pytest.raises(RuntimeError, match="without its log-probs"):
         broken.result()
     assert healthy.result() == [[-0.25]]
+    assert to_abort == []  # the broken batch had nothing else running
+
+
+def test_the_rest_of_a_failed_batch_is_handed_back_for_abort():
+    core, batches = FakeEngineCore(), ScoreBatches(build_in_thread=False)
+    future = submitted(core, batches, batch("b6", [ScoringSequence((1, 2), candidate_ids=(3,))] * 3))
+    first, second, third = (r.request_id for r in core.added)
+    batches.take_outputs({0: EngineCoreOutputs(outputs=[candidate_output(first, [-1.0])])})
+    to_abort = batches.take_outputs({0: EngineCoreOutputs(outputs=[EngineCoreOutput(second, [], finish_reason=FinishReason.ABORT)])})
+    assert to_abort == [third]
+    with pytest.raises(RuntimeError):
+        future.result()
+    assert (len(batches), batches.num_requests) == (0, 0)
 
 
 def test_bad_batches_are_refused_before_anything_reaches_the_scheduler():
