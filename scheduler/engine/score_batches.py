@@ -18,7 +18,6 @@ prefill, preemption. `zo_abort_batch` aborts what is left of a batch (a cancelle
 from __future__ import annotations
 
 import inspect
-import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,10 +27,14 @@ from vllm import SamplingParams
 from vllm.lora.request import LoRARequest
 from vllm.v1.engine import EngineCoreRequest, EngineCoreRequestType
 
-from scheduler.engine.score_wire import ABORT_BATCH_METHOD, RUNNING_BATCHES_METHOD, SCORE_BATCH_METHOD, ScoreBatch
+from scheduler.engine.score_wire import (
+    ABORT_BATCH_METHOD,
+    RUNNING_BATCHES_METHOD,
+    SCORE_BATCH_METHOD,
+    ScoreBatch,
+    batch_header,
+)
 from scheduler.scoring import ScoringSequence
-
-log = logging.getLogger(__name__)
 
 _INSTALLED_MARK = "_zoserve_score_batches_installed"
 
@@ -63,7 +66,6 @@ class ScoreBatches:
         self._batches: dict[str, _Pending] = {}
         self._owner: dict[str, tuple[str, int]] = {}  # request id -> (batch id, index in the batch)
         self._built: deque[tuple[str, object]] = deque()  # (batch id, (sequences, requests) or the error)
-        self._to_abort: list[str] = []
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="zoserve-score-batches") if build_in_thread else None
 
     def __len__(self) -> int:
@@ -75,11 +77,7 @@ class ScoreBatches:
 
     def submit(self, engine_core, wire) -> Future:
         """Register the batch and have its requests built; the future resolves to one row of log-probs each."""
-        if not isinstance(wire, (list, tuple)) or len(wire) != 5 or not isinstance(wire[4], (list, tuple)):
-            raise ValueError(f"a score batch is (batch_id, lora, salt, priority, sequences), got {wire!r:.200}")
-        batch_id, n = wire[0], len(wire[4])
-        if not isinstance(batch_id, str) or not batch_id:
-            raise ValueError(f"batch_id must be a non-empty string, got {batch_id!r}")
+        batch_id, n = batch_header(wire)
         if batch_id in self._batches:
             raise ValueError(f"score batch {batch_id!r} is already running")
         future: Future = Future()
@@ -145,9 +143,9 @@ class ScoreBatches:
     def take_outputs(self, outputs_by_client: dict) -> list[str]:
         """Keep the batch requests' results from one step's `EngineCoreOutputs` and remove their outputs.
         Returns the requests the scheduler should abort: the rest of any batch that failed in this step."""
-        self._to_abort: list[str] = []
+        to_abort: list[str] = []
         if not self._owner or not outputs_by_client:
-            return self._to_abort
+            return to_abort
         for engine_outputs in outputs_by_client.values():
             kept = []
             for output in engine_outputs.outputs:
@@ -155,36 +153,35 @@ class ScoreBatches:
                 if owner is None:
                     kept.append(output)
                 else:
-                    self._record(owner, output)
+                    to_abort.extend(self._record(owner, output))
             if len(kept) != len(engine_outputs.outputs):
                 engine_outputs.outputs = kept
             finished = engine_outputs.finished_requests
             if finished:
                 engine_outputs.finished_requests = {r for r in finished if not r.startswith(_REQUEST_PREFIX)} or None
-        return self._to_abort
+        return to_abort
 
     # ----------------------------------------------------------------- internals
-    def _record(self, owner: tuple[str, int], output) -> None:
+    def _record(self, owner: tuple[str, int], output) -> list[str]:
+        """Keep one output of a batch request; returns the batch's other unfinished requests when this one
+        ended without its log-probs (the batch fails, and they can be aborted)."""
         batch_id, index = owner
         pending = self._batches.get(batch_id)
         if pending is None:
-            return
+            return []
         sequence = pending.sequences[index]
         if output.new_prompt_logprobs_tensors is not None:
             pending.prompt_rows[index].extend(output.new_prompt_logprobs_tensors.logprobs[:, 0].tolist())
         if output.finish_reason is None:
-            return
+            return []
         scored = pending.prompt_rows[index]
         complete = output.new_logprobs is not None if sequence.candidate_ids else len(scored) == len(sequence.token_ids) - 1
         if not complete:  # aborted or failed inside vLLM: this batch fails, the engine goes on
-            self._to_abort.extend(
-                rid for rid, row in zip(pending.request_ids, pending.rows) if row is None and rid != output.request_id
-            )
             self._forget(batch_id)
             pending.future.set_exception(
                 RuntimeError(f"score request {output.request_id} finished ({output.finish_reason}) without its log-probs")
             )
-            return
+            return [rid for rid, row in zip(pending.request_ids, pending.rows) if row is None and rid != output.request_id]
         if sequence.candidate_ids:
             row = output.new_logprobs.logprobs[0]  # column 0: the sampled token; then the candidates in order
             pending.rows[index] = [float(x) for x in row[1 : 1 + len(sequence.candidate_ids)]]
@@ -197,6 +194,7 @@ class ScoreBatches:
             del self._batches[batch_id]
             if not pending.future.done():
                 pending.future.set_result(pending.rows)
+        return []
 
     def _forget(self, batch_id: str) -> _Pending | None:
         pending = self._batches.pop(batch_id, None)

@@ -46,11 +46,8 @@ class ScoreBatch:
 
     @classmethod
     def from_wire(cls, wire: Sequence) -> ScoreBatch:
-        if not isinstance(wire, (list, tuple)) or len(wire) != 5:
-            raise ValueError(f"a score batch is (batch_id, lora, salt, priority, sequences), got {wire!r:.200}")
-        batch_id, lora, salt, priority, rows = wire
-        if not isinstance(batch_id, str) or not batch_id:
-            raise ValueError(f"batch_id must be a non-empty string, got {batch_id!r}")
+        batch_id, _ = batch_header(wire)
+        _, lora, salt, priority, rows = wire
         if not isinstance(salt, str):
             raise ValueError(f"salt must be a string, got {salt!r}")
         if not isinstance(priority, int):
@@ -64,6 +61,17 @@ class ScoreBatch:
             for ids, cands, start in rows
         )
         return cls(batch_id, slot, salt, priority, sequences)
+
+
+def batch_header(wire) -> tuple[str, int]:
+    """(batch id, number of sequences) of a wire batch, checking only its shape and id (cheap: no sequence is
+    read)."""
+    if not isinstance(wire, (list, tuple)) or len(wire) != 5 or not isinstance(wire[4], (list, tuple)):
+        raise ValueError(f"a score batch is (batch_id, lora, salt, priority, sequences), got {wire!r:.200}")
+    batch_id = wire[0]
+    if not isinstance(batch_id, str) or not batch_id:
+        raise ValueError(f"batch_id must be a non-empty string, got {batch_id!r}")
+    return batch_id, len(wire[4])
 
 
 def scores_from_wire(rows: Sequence[Sequence[float]], num_sequences: int) -> list[tuple[float, ...]]:
