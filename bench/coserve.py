@@ -118,6 +118,10 @@ def main() -> None:
     parser.add_argument("--pause-s", type=float, default=3.0, help="idle time between calibration and the first phase")
     parser.add_argument("--zo-batch-size", type=int, default=16)
     parser.add_argument("--zo-q", type=int, default=1)
+    parser.add_argument(
+        "--zo-options", type=json.loads, default=None,
+        help='the jobs\' verbalizers as a JSON list, e.g. \'[" bad", " great"]\' (default: the job default, " terrible" / " great")',
+    )
     parser.add_argument("--zo-warmup-steps", type=int, default=3)
     parser.add_argument("--target-ttft-ms", type=float, default=None, help="co-scheduler TTFT target (default: the service's)")
     parser.add_argument(
@@ -137,6 +141,10 @@ def main() -> None:
     parser.add_argument(
         "--no-batched-scoring", action="store_true",
         help="one vLLM request per probe sequence through AsyncLLM instead of one engine-core call per chunk",
+    )
+    parser.add_argument(
+        "--worker-in-engine-core", choices=("on", "off"), default=None,
+        help="run the model in vLLM's engine-core process (on) or a worker process (off); default: the service's",
     )
     parser.add_argument("--no-hold", action="store_true", help="let chunks enter while a user waits for its first token")
     parser.add_argument("--min-chunks", type=int, default=None, help="co-scheduler budget floor in chunks (default: the service's)")

@@ -56,6 +56,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         step_gate=step_gate_config(settings),
         probe_lane=settings.probe_lane,
         batched_scoring=settings.batched_scoring,
+        worker_in_engine_core=settings.worker_in_engine_core,
     )
 
 

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     # A chunk of probe sequences goes to vLLM's engine core as one call and returns as one reply
     # (scheduler/engine/score_batches.py); False sends one vLLM request per sequence through AsyncLLM.
     batched_scoring: bool = True
+    # The model runs in vLLM's engine-core process instead of a worker process of its own (no per-step
+    # round trips between the two; scheduler/engine/config.py). False: vLLM's CPU default.
+    worker_in_engine_core: bool = False
     data_dir: Path = Path(".zoserve")
     redis_url: str | None = None
     # Full adapter snapshot every N committed versions (replay covers the ones between).

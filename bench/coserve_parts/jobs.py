@@ -14,8 +14,10 @@ def _rows(split: str, limit: int) -> list[dict]:
     return [{"text": ex.text, "label": ex.label} for ex in load_sst2(split, limit=limit)]
 
 
-def job_body(adapter: str, weight: float, max_steps: int, batch_size: int, q: int, rows: list[dict]) -> dict:
-    return {
+def job_body(
+    adapter: str, weight: float, max_steps: int, batch_size: int, q: int, rows: list[dict], options: list[str] | None = None
+) -> dict:
+    body = {
         "adapter": adapter,
         "hyperparameters": {"learning_rate": 1e-3, "eps": 1e-2, "num_directions": q, "batch_size": batch_size, "max_steps": max_steps},
         "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
@@ -23,6 +25,9 @@ def job_body(adapter: str, weight: float, max_steps: int, batch_size: int, q: in
         "seed": 3,
         "weight": weight,
     }
+    if options is not None:
+        body["objective"] = {"type": "classification", "options": options}
+    return body
 
 
 async def create_job(client, body: dict) -> str:

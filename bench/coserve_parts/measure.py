@@ -115,7 +115,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
                 print(f"co-scheduler target: {target_ms:.0f} ms p95 TTFT ({args.target_from_users} x users-alone median p95)")
 
             for adapter, weight in JOBS:
-                body = job_body(adapter, weight, 1_000_000, args.zo_batch_size, args.zo_q, train_rows)
+                body = job_body(adapter, weight, 1_000_000, args.zo_batch_size, args.zo_q, train_rows, args.zo_options)
                 job_ids[adapter] = await create_job(client, body)
             for job_id in job_ids.values():
                 await wait_job(client, job_id, lambda j: j["status"] == "running" and j["step"] >= args.zo_warmup_steps, 600)
@@ -172,6 +172,7 @@ async def run(args) -> tuple[dict, Raw]:
         shm_busy_loop_s=args.shm_busy_loop_s,
         probe_lane=not args.no_probe_lane,
         batched_scoring=not args.no_batched_scoring,
+        **({"worker_in_engine_core": args.worker_in_engine_core == "on"} if args.worker_in_engine_core else {}),
         step_gate_tokens_with_users=args.step_gate_tokens,
         **({"step_gate_tokens_with_user_prefill": args.step_gate_prefill_tokens}
            if args.step_gate_prefill_tokens is not None else {}),

@@ -142,7 +142,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
         "config": {
             "model": args.model, "dtype": args.dtype, "num_slots": args.num_slots, "output_tokens": args.output_tokens,
             "load_fraction": args.load_fraction if args.users_rate_per_s is None else "fixed rate (--users-rate-per-s)", "rate_per_s": raw.rate_per_s, "phase_s": raw.phase_s, "seed": args.seed,
-            "zo_batch_size": args.zo_batch_size, "zo_num_directions": args.zo_q,
+            "zo_batch_size": args.zo_batch_size, "zo_num_directions": args.zo_q, "zo_options": args.zo_options or "job default",
             "coscheduler_target_ttft_ms": args.target_ttft_ms if args.target_ttft_ms is not None else "service default",
             "coscheduler_chunk_tokens": args.chunk_tokens if args.chunk_tokens is not None else "service default",
             "coscheduler_min_chunks_in_flight": args.min_chunks if args.min_chunks is not None else "service default",
@@ -154,6 +154,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "step_gate": engine.step_gate.to_dict() if engine.step_gate else "off (vLLM's scheduler)",
             "probe_lane": engine.probe_lane,
             "batched_scoring": engine.batched_scoring,
+            "worker_in_engine_core": engine.worker_in_engine_core,
             "max_num_batched_tokens": engine.max_num_batched_tokens, "max_num_seqs": engine.max_num_seqs,
         },
         "calibration": raw.calibration,

@@ -182,6 +182,11 @@ class EngineBinding:
         """Raises if the engine core is dead (vLLM's own check)."""
         await self._engine.check_health()
 
+    async def model_process(self) -> tuple[int, int]:
+        """(pid, torch threads) of the process the model runs in (EngineConfig.worker_in_engine_core)."""
+        pid, threads = await self._rpc("zo_model_process")
+        return int(pid), int(threads)
+
     def shutdown(self) -> None:
         self._engine.shutdown()
         if self.gate_cap is not None:

@@ -12,6 +12,7 @@ kernels that cache buffer pointers stay valid.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,10 @@ class ZOWorkerExtension:
             target.layer.lora_b_stacked[target.slice_index][slot, 0, :n_out, :r].copy_(value * scaling)
 
     # ----------------------------------------------------------------- RPC surface
+    def zo_model_process(self) -> tuple[int, int]:
+        """(pid, torch threads) of the process the model runs in: the worker's, or the engine core's."""
+        return os.getpid(), torch.get_num_threads()
+
     def zo_slot_indices(self, lora_ids: Sequence[int]) -> list[int]:
         return [self._zo_slot_index(int(i)) for i in lora_ids]
 

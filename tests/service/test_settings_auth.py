@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from service.auth import AuthError, Scope, check_key
@@ -47,3 +49,19 @@ def test_batched_scoring_setting_reaches_the_engine_config(monkeypatch, tmp_path
     config = engine_config(Settings(model=model))
     assert config.batched_scoring is False
     assert "scheduler_cls" in config.engine_kwargs()  # the default step gate still needs zoserve's scheduler
+
+
+def test_worker_in_engine_core_setting_picks_vllms_in_process_executor(monkeypatch, tmp_path):
+    from scheduler.engine.config import IN_PROCESS_EXECUTOR
+    from service.app import engine_config
+
+    model = str(tmp_path / "model")
+    monkeypatch.setenv("ZOSERVE_WORKER_IN_ENGINE_CORE", "true")
+    config = engine_config(Settings(model=model, cpu_threads=1))
+    assert config.engine_kwargs()["distributed_executor_backend"] == IN_PROCESS_EXECUTOR
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # restored after the test
+    config.apply_process_env()
+    assert os.environ["OMP_NUM_THREADS"] == "1"  # read by the engine-core process it spawns
+
+    monkeypatch.setenv("ZOSERVE_WORKER_IN_ENGINE_CORE", "false")
+    assert "distributed_executor_backend" not in engine_config(Settings(model=model)).engine_kwargs()

@@ -1,0 +1,68 @@
+"""The model in the engine-core process (vLLM's in-process executor) or in a worker process of its own: both
+layouts start, score and generate the same numbers, and the in-process one runs the OpenMP threads it was given.
+
+The session engine runs the service's default layout; this module starts the other one next to it and compares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import psutil
+import pytest
+
+from scheduler.engine.binding import USER_PRIORITY, EngineBinding
+from scheduler.scoring import ScoringSequence
+
+SEQUENCES = [ScoringSequence(tuple((i * 37 + j * 11) % 2000 + 4 for j in range(14)), candidate_ids=(7, 9)) for i in range(5)]
+PROMPT = [2, 100, 200, 300, 400]
+
+
+async def _greedy(binding: EngineBinding) -> tuple[int, ...]:
+    tokens: tuple[int, ...] = ()
+    async for chunk in binding.generate(
+        PROMPT, max_tokens=6, temperature=0.0, top_p=1.0, seed=None, stop=None, slot=None, salt="layout",
+        priority=USER_PRIORITY,
+    ):
+        tokens = chunk.token_ids
+    return tokens
+
+
+def _vllm_children(before: set[int]) -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in before and "VLLM" in p.name()]
+
+
+@pytest.fixture(scope="module")
+async def other_layout(engine, tmp_path_factory):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    config = dataclasses.replace(
+        engine.config, worker_in_engine_core=not engine.config.worker_in_engine_core, num_cpu_threads=1
+    )
+    config.apply_process_env()
+    binding = await EngineBinding.start(config, tmp_path_factory.mktemp("other-layout"))
+    yield binding, _vllm_children(before)
+    binding.shutdown()
+    engine.config.apply_process_env()
+
+
+async def test_both_layouts_score_and_generate_the_same(engine, other_layout):
+    other, _ = other_layout
+    here = await engine.score(SEQUENCES, None, salt="layout-a")
+    there = await other.score(SEQUENCES, None, salt="layout-b")
+    worst = max(abs(a - b) for x, y in zip(here, there) for a, b in zip(x.logprobs, y.logprobs, strict=True))
+    assert worst < 1e-5
+    assert await _greedy(engine) == await _greedy(other)
+
+
+async def test_the_layout_decides_where_the_model_runs_and_on_how_many_threads(other_layout):
+    other, children = other_layout
+    by_name = {p.name(): p.pid for p in children}
+    pid, threads = await other.model_process()
+    if other.config.worker_in_engine_core:
+        assert sorted(by_name) == ["VLLM::EngineCore"], by_name
+        assert pid == by_name["VLLM::EngineCore"]
+    else:
+        assert sorted(by_name) == ["VLLM::EngineCore", "VLLM::Worker"], by_name
+        assert pid == by_name["VLLM::Worker"]
+    # The thread count it was given, not one OpenMP thread per core spinning on the API process's core.
+    assert threads == 1
