@@ -130,7 +130,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--pin-worker-cpus", type=int, nargs="*", default=None,
-        help="pin vLLM's worker to these cores and every other process of the run to the rest",
+        help="pin the process the model runs in (vLLM's worker or engine core) to these cores, every other process of the run to the rest",
     )
     parser.add_argument("--cpu-threads", type=int, default=None, help="the engine's OpenMP threads (default: the service's, every core but one)")
     parser.add_argument(

@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     batched_scoring: bool = True
     # The model runs in vLLM's engine-core process instead of a worker process of its own (no per-step
     # round trips between the two; scheduler/engine/config.py). False: vLLM's CPU default.
-    worker_in_engine_core: bool = False
+    worker_in_engine_core: bool = True
     data_dir: Path = Path(".zoserve")
     redis_url: str | None = None
     # Full adapter snapshot every N committed versions (replay covers the ones between).

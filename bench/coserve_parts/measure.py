@@ -191,7 +191,7 @@ async def run(args) -> tuple[dict, Raw]:
         async with Service(settings, binding) as service:
             print(f"service up on {service.url} in {time.time() - started:.1f} s", flush=True)
             if args.pin_worker_cpus:
-                print(f"pinned: {pin_worker(set(args.pin_worker_cpus))}", flush=True)
+                print(f"pinned: {pin_worker(set(args.pin_worker_cpus), config.worker_in_engine_core)}", flush=True)
             raw = await measure(args, service, prompts, train_rows)
     finally:
         binding.shutdown()

@@ -109,17 +109,19 @@ class ProcessCpu:
         return {k: round((b[k] - a.get(k, 0.0)) / elapsed, 3) for k in b if k != "t"}
 
 
-def pin_worker(worker_cpus: set[int]) -> dict[str, list[int]]:
-    """Give vLLM's worker process (every thread) `worker_cpus` and this process, its threads and its other
-    children (engine core; the load generator inherits it when spawned later) the remaining cores: nothing
-    else runs on the worker's core. Returns each process's new CPU set."""
+def pin_worker(worker_cpus: set[int], in_engine_core: bool) -> dict[str, list[int]]:
+    """Give the process the model runs in (vLLM's worker, or the engine core with `in_engine_core`; every
+    thread) `worker_cpus`, and this process, its threads and its other children (the load generator inherits
+    it when spawned later) the remaining cores: nothing else runs on the model's cores. Returns each process's
+    new CPU set."""
     everything = set(range(os.cpu_count() or 1))
     rest = everything - worker_cpus
     if not worker_cpus or not rest or not worker_cpus <= everything:
         raise ValueError(f"worker cpus {sorted(worker_cpus)} must be a proper subset of {sorted(everything)}")
     placed: dict[str, list[int]] = {}
     for proc in _run_processes():
-        cpus = worker_cpus if "Worker" in proc.name() else rest
+        # The process the model runs in: vLLM's worker, or the engine core when the model runs there.
+        cpus = worker_cpus if "Worker" in proc.name() or (in_engine_core and "EngineCore" in proc.name()) else rest
         for thread in proc.threads():
             os.sched_setaffinity(thread.id, cpus)
         placed[f"{proc.name()}:{proc.pid}"] = sorted(cpus)

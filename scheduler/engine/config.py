@@ -51,7 +51,7 @@ class EngineConfig:
     # The model runs in the engine-core process (vLLM's in-process executor) instead of a worker process of
     # its own: one process fewer on the cores and no shared-memory round trips between the two on every
     # step (vLLM makes two a step: the forward, then sampling). False: vLLM's CPU default, a worker process.
-    worker_in_engine_core: bool = False
+    worker_in_engine_core: bool = True
     seed: int = 0
 
     def apply_process_env(self) -> None:

@@ -1,7 +1,7 @@
 """The model in the engine-core process (vLLM's in-process executor) or in a worker process of its own: both
-layouts start, score and generate the same numbers, and the in-process one runs the OpenMP threads it was given.
+layouts start, score and generate what the session engine does, and run the OpenMP threads they were given.
 
-The session engine runs the service's default layout; this module starts the other one next to it and compares.
+Each layout gets an engine of its own here, on one thread, next to the session engine (the service's default).
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ def _vllm_children(before: set[int]) -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if p.pid not in before and "VLLM" in p.name()]
 
 
-@pytest.fixture(scope="module")
-async def other_layout(engine, tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["in-engine-core", "worker-process"])
+async def other_layout(request, engine, tmp_path_factory):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    config = dataclasses.replace(
-        engine.config, worker_in_engine_core=not engine.config.worker_in_engine_core, num_cpu_threads=1
-    )
-    config.apply_process_env()
-    binding = await EngineBinding.start(config, tmp_path_factory.mktemp("other-layout"))
-    yield binding, _vllm_children(before)
-    binding.shutdown()
-    engine.config.apply_process_env()
+    config = dataclasses.replace(engine.config, worker_in_engine_core=request.param, num_cpu_threads=1)
+    with pytest.MonkeyPatch.context() as env:
+        # The session engine's thread settings are in the environment; this engine starts from its own.
+        env.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        env.delenv("OMP_NUM_THREADS", raising=False)
+        binding = await EngineBinding.start(config, tmp_path_factory.mktemp("other-layout"))
+        yield binding, _vllm_children(before)
+        binding.shutdown()
 
 
 async def test_both_layouts_score_and_generate_the_same(engine, other_layout):
