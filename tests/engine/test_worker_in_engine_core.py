@@ -33,32 +33,32 @@ def _vllm_children(before: set[int]) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["in-engine-core", "worker-process"])
-async def other_layout(request, engine, tmp_path_factory):
+async def layout_engine(request, engine, tmp_path_factory):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     config = dataclasses.replace(engine.config, worker_in_engine_core=request.param, num_cpu_threads=1)
     with pytest.MonkeyPatch.context() as env:
         # The session engine's thread settings are in the environment; this engine starts from its own.
         env.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
         env.delenv("OMP_NUM_THREADS", raising=False)
-        binding = await EngineBinding.start(config, tmp_path_factory.mktemp("other-layout"))
+        binding = await EngineBinding.start(config, tmp_path_factory.mktemp("layout"))
         yield binding, _vllm_children(before)
         binding.shutdown()
 
 
-async def test_both_layouts_score_and_generate_the_same(engine, other_layout):
-    other, _ = other_layout
+async def test_both_layouts_score_and_generate_the_same(engine, layout_engine):
+    layout, _ = layout_engine
     here = await engine.score(SEQUENCES, None, salt="layout-a")
-    there = await other.score(SEQUENCES, None, salt="layout-b")
+    there = await layout.score(SEQUENCES, None, salt="layout-b")
     worst = max(abs(a - b) for x, y in zip(here, there) for a, b in zip(x.logprobs, y.logprobs, strict=True))
     assert worst < 1e-5
-    assert await _greedy(engine) == await _greedy(other)
+    assert await _greedy(engine) == await _greedy(layout)
 
 
-async def test_the_layout_decides_where_the_model_runs_and_on_how_many_threads(other_layout):
-    other, children = other_layout
+async def test_the_layout_decides_where_the_model_runs_and_on_how_many_threads(layout_engine):
+    layout, children = layout_engine
     by_name = {p.name(): p.pid for p in children}
-    pid, threads = await other.model_process()
-    if other.config.worker_in_engine_core:
+    pid, threads = await layout.model_process()
+    if layout.config.worker_in_engine_core:
         assert sorted(by_name) == ["VLLM::EngineCore"], by_name
         assert pid == by_name["VLLM::EngineCore"]
     else:
