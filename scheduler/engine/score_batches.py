@@ -46,8 +46,15 @@ class _Pending:
     rows: list[list[float] | None]
     prompt_rows: list[list[float]] = field(default_factory=list)  # prompt log-probs gathered so far, per sequence
     remaining: int = 0
-    sequences: tuple[ScoringSequence, ...] | None = None  # set once built
-    in_scheduler: bool = False
+    sequences: tuple[ScoringSequence, ...] | None = None  # set once built and added to the scheduler
+
+    @property
+    def in_scheduler(self) -> bool:
+        return self.sequences is not None
+
+    def unfinished(self) -> list[str]:
+        """The batch's requests with no result yet."""
+        return [rid for rid, row in zip(self.request_ids, self.rows) if row is None]
 
 
 class ScoreBatches:
@@ -108,7 +115,6 @@ class ScoreBatches:
             pending.sequences, requests = built
             for request in requests:
                 scheduler.add_request(request)
-            pending.in_scheduler = True
 
     def close(self) -> None:
         if self._builder is not None:
@@ -133,7 +139,7 @@ class ScoreBatches:
         pending = self._forget(batch_id)
         if pending is None:
             return False
-        unfinished = [rid for rid, row in zip(pending.request_ids, pending.rows) if row is None]
+        unfinished = pending.unfinished()
         if unfinished and pending.in_scheduler:
             engine_core.abort_requests(unfinished)
         if not pending.future.done():
@@ -181,7 +187,7 @@ class ScoreBatches:
             pending.future.set_exception(
                 RuntimeError(f"score request {output.request_id} finished ({output.finish_reason}) without its log-probs")
             )
-            return [rid for rid, row in zip(pending.request_ids, pending.rows) if row is None and rid != output.request_id]
+            return [rid for rid in pending.unfinished() if rid != output.request_id]
         if sequence.candidate_ids:
             row = output.new_logprobs.logprobs[0]  # column 0: the sampled token; then the candidates in order
             pending.rows[index] = [float(x) for x in row[1 : 1 + len(sequence.candidate_ids)]]
