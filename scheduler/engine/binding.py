@@ -187,6 +187,10 @@ class EngineBinding:
         pid, threads = await self._rpc("zo_model_process")
         return int(pid), int(threads)
 
+    async def lora_ops(self) -> tuple[str, ...]:
+        """zoserve's CPU LoRA ops running in the model's process (engine/worker_extension.py)."""
+        return tuple(await self._rpc("zo_lora_ops"))
+
     def shutdown(self) -> None:
         self._engine.shutdown()
         if self.gate_cap is not None:

@@ -118,6 +118,11 @@ class _ZeroWeights:
 
 _ZERO = _ZeroWeights()
 
+
+def is_all_zero(weights: torch.Tensor) -> bool:
+    """Whether a stacked slot buffer holds nothing but zeros (answered from its version when it has one)."""
+    return _ZERO(weights)
+
 # Up to this many tokens (decode steps of a few user requests), one gathered weight per token and a batched
 # matrix-vector product cost less than a GEMM per adapter (measured on 2 cores: 12 tokens over 12 adapters,
 # 0.18 ms per shrink+expand pair gathered vs 0.45 ms grouped).
@@ -259,6 +264,14 @@ def _agrees_with_stock(stock) -> bool:
     finally:
         GATHER_MAX_TOKENS, MIN_RUN_TOKENS = saved
     return True
+
+
+def installed() -> bool:
+    try:
+        from vllm.lora.punica_wrapper import punica_cpu
+    except ImportError:
+        return False
+    return bool(getattr(punica_cpu, "_zoserve_grouped_ops", False))
 
 
 def install() -> bool:

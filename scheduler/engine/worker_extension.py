@@ -23,7 +23,7 @@ from safetensors.torch import save as save_tensors
 
 from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
 from scheduler.direction_artifacts import method_from_wire
-from scheduler.engine import cpu_lora_ops
+from scheduler.engine import cpu_lora_dense, cpu_lora_ops
 from scheduler.zo.lora_layout import LoraLayout, LoraShape, TensorSpec
 from scheduler.zo.zo_step import (
     StepRecord,
@@ -40,8 +40,10 @@ try:  # bf16 on AMX CPUs needs the tile permission requested in every process th
 except (AttributeError, RuntimeError):
     pass
 
-# This module is imported in the worker process: swap in grouped CPU LoRA ops (verified against vLLM's).
+# This module is imported in the process that runs the model: swap in grouped CPU LoRA ops and, in front of
+# them, the dense pass over a step's adapters (each verified against vLLM's own first).
 cpu_lora_ops.install()
+cpu_lora_dense.install()
 
 
 def tensors_to_wire(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -139,6 +141,11 @@ class ZOWorkerExtension:
     def zo_model_process(self) -> tuple[int, int]:
         """(pid, torch threads) of the process the model runs in: the worker's, or the engine core's."""
         return os.getpid(), torch.get_num_threads()
+
+    def zo_lora_ops(self) -> list[str]:
+        """Which of zoserve's CPU LoRA ops the model's process runs (each is installed only if it agrees
+        with vLLM's own): "grouped" (cpu_lora_ops), "dense" (cpu_lora_dense)."""
+        return [name for name, on in (("grouped", cpu_lora_ops.installed()), ("dense", cpu_lora_dense.installed())) if on]
 
     def zo_slot_indices(self, lora_ids: Sequence[int]) -> list[int]:
         return [self._zo_slot_index(int(i)) for i in lora_ids]

@@ -66,3 +66,9 @@ async def test_the_layout_decides_where_the_model_runs_and_on_how_many_threads(l
         assert pid == by_name["VLLM::Worker"]
     # The thread count it was given, not one OpenMP thread per core spinning on the API process's core.
     assert threads == 1
+
+
+async def test_both_layouts_run_zoserves_lora_ops_in_the_model_process(engine, layout_engine):
+    layout, _ = layout_engine
+    assert await layout.lora_ops() == ("grouped", "dense")
+    assert await engine.lora_ops() == ("grouped", "dense")
