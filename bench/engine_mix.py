@@ -2,13 +2,14 @@
 
 No service and no HTTP: one engine (the service's defaults: the model in the engine core, one torch thread,
 the step gate, batched scoring, 16 slots) and, in this process, closed-loop streaming users (16 output
-tokens, temperature 1 as in bench/coserve.py, on three LoRA slots) and closed-loop probe scorers (batches of short sequences with two
-candidate tokens, on three other slots, at the probe priority). `--mode` picks who runs: `users`, `probes`
-or `together`. After a warm-up it measures `--seconds` of the engine's step trace (scheduler/engine/
-step_trace.py) and prints, per kind of step (decode only, decode + probes, probes only), the median forward,
-scheduling and output-update times and the mean tokens it carried, with the users' completions and the probe
-sequences per second. Made for side-by-side comparisons of engine-side changes (run it once per variant,
-one after the other; the machine drifts, so repeat the pair).
+tokens, temperature 1 as in bench/coserve.py, on three LoRA slots) and closed-loop probe scorers (batches of
+short sequences with two candidate tokens, on three other slots, at the probe priority). `--mode` picks who
+runs: `users`, `probes` or `together`. After a warm-up it measures `--seconds` of the engine's step trace
+(scheduler/engine/step_trace.py) and prints, per kind of step, bench/coserve.py's step summary
+(bench/coserve_parts/steps.py: periods, shares of time, forward time, tokens carried) with the median
+scheduling and output-update times added, and the users' completions and probe sequences per second. Made
+for side-by-side comparisons of engine-side changes (run it once per variant, one after the other; the
+machine drifts, so repeat the pair).
 
     .venv/bin/python bench/engine_mix.py --mode together --json
 """
@@ -26,11 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from coserve_parts.steps import KINDS, load_steps, step_kind, summarise_steps  # noqa: E402
 
 from scheduler.engine.binding import USER_PRIORITY, EngineBinding  # noqa: E402
 from scheduler.engine.config import PROBE_PRIORITY, EngineConfig  # noqa: E402
-from scheduler.engine.step_trace import TRACE_ENV, StepRecord, read_step_trace  # noqa: E402
+from scheduler.engine.step_trace import TRACE_ENV, StepRecord  # noqa: E402
 from scheduler.models.tiny import ensure_model  # noqa: E402
 from scheduler.planning.step_gate import StepGateConfig  # noqa: E402
 from scheduler.scoring import ScoringSequence  # noqa: E402
@@ -39,36 +45,21 @@ from scheduler.zo.lora_layout import LoraShape, initial_state, layout_for_model_
 NUM_STATES = 6  # slots 0-2 serve users, 3-5 hold probe states
 
 
-def _kind(record: StepRecord) -> str:
-    if record.num_user_prefills:
-        return "user_prefill"
-    if record.probe_tokens and record.user_tokens:
-        return "decode_and_probes"
-    return "probes_only" if record.probe_tokens else "decode_only"
-
-
-def summarise(records: list[StepRecord]) -> dict:
-    by_kind: dict[str, list[StepRecord]] = {}
-    for record in records:
-        by_kind.setdefault(_kind(record), []).append(record)
-    out = {}
-    for kind, group in sorted(by_kind.items()):
-        out[kind] = {
-            "num_steps": len(group),
-            "forward_p50_ms": statistics.median(r.forward_s for r in group) * 1e3,
-            "schedule_p50_ms": statistics.median(r.schedule_end_s - r.schedule_start_s for r in group) * 1e3,
-            "update_p50_ms": statistics.median(r.update_end_s - r.update_start_s for r in group) * 1e3,
-            "probe_tokens_mean": statistics.fmean(r.probe_tokens for r in group),
-            "num_probes_mean": statistics.fmean(r.num_probes for r in group),
-            "user_tokens_mean": statistics.fmean(r.user_tokens for r in group),
-        }
-    return out
+def summarise(records: list[StepRecord], start_s: float, end_s: float) -> dict:
+    """bench/coserve.py's per-kind step summary, with the median scheduling and output-update time added."""
+    summary = summarise_steps(records, start_s, end_s)
+    inside = [r for r in records if start_s <= r.schedule_start_s < end_s]
+    for kind in KINDS:
+        if kind not in summary:
+            continue
+        of_kind = [r for r in inside if step_kind(r) == kind]
+        summary[kind]["schedule_p50_ms"] = statistics.median(r.schedule_end_s - r.schedule_start_s for r in of_kind) * 1e3
+        summary[kind]["update_p50_ms"] = statistics.median(r.update_end_s - r.update_start_s for r in of_kind) * 1e3
+    return summary
 
 
 async def _write_states(binding: EngineBinding, model: str) -> None:
     layout = layout_for_model_dir(model, LoraShape(4, 16.0, ("q_proj", "v_proj")))
-    import torch
-
     for i in range(NUM_STATES):
         theta = initial_state(layout, i)
         generator = torch.Generator().manual_seed(i)
@@ -127,18 +118,15 @@ async def run(args) -> dict:
         await asyncio.gather(*tasks)
     finally:
         binding.shutdown()
-    records = sorted(
-        (r for f in (work).glob("steps*.tsv") for r in read_step_trace(f) if t0 <= r.schedule_start_s <= t1),
-        key=lambda r: r.schedule_start_s,
-    )
+    steps = summarise(load_steps(os.environ[TRACE_ENV]), t0, t1)
     span = t1 - t0
     return {
         "benchmark": "engine_mix",
         "mode": args.mode,
         "users_completions_per_s": (after["users"] - before["users"]) / span,
         "probe_sequences_per_s": (after["probe_sequences"] - before["probe_sequences"]) / span,
-        "steps_per_s": len(records) / span,
-        "steps": summarise(records),
+        "steps_per_s": steps["num_steps"] / span,
+        "steps": {kind: steps[kind] for kind in KINDS if kind in steps},
         "config": {k: v for k, v in vars(args).items() if k != "json"},
     }
 
@@ -162,7 +150,7 @@ def main() -> None:
     result = asyncio.run(run(args))
     for kind, row in result["steps"].items():
         print(
-            f"{kind:18s} {row['num_steps']:6d} steps  forward p50 {row['forward_p50_ms']:.2f} ms  "
+            f"{kind:18s} {row['share_of_time']:4.0%} of time  forward p50 {row['forward_p50_ms']:.2f} ms  "
             f"probe tokens {row['probe_tokens_mean']:.0f}  user tokens {row['user_tokens_mean']:.1f}"
         )
     print(f"users {result['users_completions_per_s']:.1f} completions/s, probes {result['probe_sequences_per_s']:.0f} sequences/s")

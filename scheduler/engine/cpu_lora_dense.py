@@ -27,7 +27,7 @@ import logging
 
 import torch
 
-from scheduler.engine.cpu_lora_ops import is_all_zero
+from scheduler.engine.cpu_lora_ops import is_all_zero, slot_matrices
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,6 @@ class _StepMasks:
 _MASKS = _StepMasks()
 
 
-def _squeeze(weights: torch.Tensor) -> torch.Tensor:
-    return weights.squeeze(1) if weights.dim() == 4 else weights
-
-
 def add_lora_linear_dense(y, x, token_indices, lora_a_stacked, lora_b_stacked, scale, output_slices) -> bool:
     """y[t, slice i] += scale · x[t] @ A_i[slot t].T @ B_i[slot t].T for every token t with a slot; False
     (nothing done) when the step has more than DENSE_MAX_ADAPTERS adapters."""
@@ -98,7 +94,7 @@ def add_lora_linear_dense(y, x, token_indices, lora_a_stacked, lora_b_stacked, s
     offset = 0
     for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
         if not (is_all_zero(a) or is_all_zero(b)):
-            a3, b3 = _squeeze(a), _squeeze(b)  # [S, r, in], [S, out, r]
+            a3, b3 = slot_matrices(a), slot_matrices(b)  # [S, r, in], [S, out, r]
             rank = a3.shape[1]
             a_active = a3.index_select(0, active).reshape(num_active * rank, a3.shape[2]).float()
             h = torch.mm(inputs, a_active.T)

@@ -21,7 +21,8 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def _squeeze(weights: torch.Tensor) -> torch.Tensor:
+def slot_matrices(weights: torch.Tensor) -> torch.Tensor:
+    """A stacked slot buffer as one matrix per slot: [L, 1, out, in] (vLLM's layout) → [L, out, in]."""
     return weights.squeeze(1) if weights.dim() == 4 else weights  # [L, out, in]
 
 
@@ -142,7 +143,7 @@ def _per_token(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
 
 
 def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
-    weights = _squeeze(lora_a_weights)  # [L, r, in]
+    weights = slot_matrices(lora_a_weights)  # [L, r, in]
     rank = weights.shape[1]
     output_tensor[:, :rank] = 0
     if _ZERO(lora_a_weights):
@@ -171,7 +172,7 @@ def _add_products(
 
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
-    weights = _squeeze(lora_b_weights)  # [L, out, r]
+    weights = slot_matrices(lora_b_weights)  # [L, out, r]
     inputs = inputs.to(output_tensor.dtype)  # [T, r]
     common = min(weights.shape[1], output_tensor.shape[1])
     if not add_inputs:
@@ -185,7 +186,7 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
 def bgmv_expand_slice(
     inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int, add_inputs: bool = True
 ):
-    weights = _squeeze(lora_b_weights)  # [L, slice_size, r]
+    weights = slot_matrices(lora_b_weights)  # [L, slice_size, r]
     inputs = inputs.to(output_tensor.dtype)
     target = output_tensor[:, slice_offset : slice_offset + slice_size]  # view
     if not add_inputs:
