@@ -83,6 +83,11 @@ def print_summary(result: dict) -> None:
         for key in ("mean_ms", "slowest_1pct_mean_ms"):
             values = stages.get(key, {})
             print(f"TTFT stages, server, {name:8s} {key:20s} " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+    for name in ("users", "together"):
+        path = result["phases"][name]["users"].get("ttft_path") or {}
+        for key in ("middle_tenth_mean_ms", "slowest_1pct_mean_ms"):
+            values = path.get(key, {})
+            print(f"TTFT path, client + server, {name:8s} {key:20s} " + ", ".join(f"{k} {v:.1f}" for k, v in values.items()))
     for name in ("users", "zo", "together"):
         steps = result["phases"][name].get("engine_steps") or {}
         kinds = ", ".join(

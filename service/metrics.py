@@ -343,7 +343,9 @@ class ZoMetrics:
             self._ttft.labels(adapter_class=adapter_class).observe(ttft_s)
         self._request_duration.labels(adapter_class=adapter_class).observe(duration_s)
 
-    def observe_ttft_stages(self, stages_s: Mapping[str, float]) -> None:
+    def observe_ttft_stages(self, stages_s: Mapping[str, float], request_id: str | None = None) -> None:
+        """One user request's time to first token, split into TTFT_STAGES. `request_id` (the completion's `id`)
+        is not a label (unbounded); it is there for a hook that follows single requests (bench/coserve.py)."""
         for stage, seconds in stages_s.items():
             _check_enum("stage", stage, TTFT_STAGES)
             self._ttft_stage.labels(stage=stage).observe(max(0.0, seconds))

@@ -32,6 +32,7 @@ class UserSample:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None
+    completion_id: str | None = None  # the SSE chunks' `id`: joins the sample to the service's TTFT stages
 
     @property
     def send_lag_s(self) -> float:
@@ -52,7 +53,7 @@ async def one_request(client: httpx.AsyncClient, phase: str, model: str, prompt:
         "stream_options": {"include_usage": True},
     }
     sent = time.time()
-    first, usage, error = None, None, None
+    first, usage, error, completion_id = None, None, None, None
     try:
         async with client.stream("POST", "/v1/completions", json=body) as reply:
             if reply.status_code != 200:
@@ -64,6 +65,7 @@ async def one_request(client: httpx.AsyncClient, phase: str, model: str, prompt:
                     if line == "data: [DONE]":
                         break
                     event = json.loads(line[len("data: "):])
+                    completion_id = completion_id or event.get("id")
                     if event.get("usage"):
                         usage = event["usage"]
                     if first is None and any(choice.get("text") for choice in event.get("choices", ())):
@@ -74,7 +76,7 @@ async def one_request(client: httpx.AsyncClient, phase: str, model: str, prompt:
         error = "no usage chunk"
     return UserSample(
         phase, scheduled_s, sent, first, time.time(),
-        usage["prompt_tokens"] if usage else 0, usage["completion_tokens"] if usage else 0, error,
+        usage["prompt_tokens"] if usage else 0, usage["completion_tokens"] if usage else 0, error, completion_id,
     )
 
 

@@ -29,6 +29,7 @@ from coserve_parts.monitors import (
 from coserve_parts.service import Service
 from coserve_parts.steps import load_steps
 from coserve_parts.summary import summarise
+from coserve_parts.ttft_path import join_paths, summarise_paths
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Raw:
     client_stats: dict[str, dict]  # phase -> the load generator's own event-loop lags
     cpu_by_phase: dict[str, dict[str, float]]  # phase -> process -> CPU seconds per second
     ttft_stages_by_phase: dict[str, dict]  # user phase -> StageRecorder.view (server-side TTFT stages)
+    ttft_paths_by_phase: dict[str, dict]  # user phase -> ttft_path.summarise_paths (client and server joined)
     engine_steps: list[StepRecord] = dataclasses.field(default_factory=list)  # the engine step trace, oldest first
 
 
@@ -151,7 +153,13 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy, stalls,
         client_stats, {phase: cpu.view(f"{phase}_start", f"{phase}_end") for phase in ("users", "zo", "together")},
         {phase: stages.view(*phases[phase]) for phase in ("users", "together")},
+        {phase: _paths(samples, stages, phase, phases[phase]) for phase in ("users", "together")},
     )
+
+
+def _paths(samples: list[UserSample], stages: StageRecorder, phase: str, window: tuple[float, float]) -> dict:
+    of_phase = [s for s in samples if s.phase == phase and s.first_text_s is not None]
+    return summarise_paths(join_paths(of_phase, stages.records, *window), len(of_phase))
 
 
 async def run(args) -> tuple[dict, Raw]:

@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import psutil
@@ -128,23 +129,30 @@ def pin_worker(worker_cpus: set[int], in_engine_core: bool) -> dict[str, list[in
     return placed
 
 
+@dataclass(frozen=True)
+class StageRecord:
+    wall_s: float  # when the service saw the request's first token (time.time())
+    stages_s: dict[str, float]  # TTFT stage -> seconds (service/metrics.py TTFT_STAGES), in order
+    request_id: str | None
+
+
 class StageRecorder:
     """Every user request's TTFT stages as the service records them (it wraps the service's
     `ZoMetrics.observe_ttft_stages`), so a phase gives per-stage tails and the make-up of its slowest
     requests, not just the means a histogram keeps."""
 
     def __init__(self, metrics) -> None:
-        self.records: list[tuple[float, dict[str, float]]] = []  # (wall time, stage -> seconds)
+        self.records: list[StageRecord] = []
         observe = metrics.observe_ttft_stages
 
-        def recording(stages_s) -> None:
-            self.records.append((time.time(), dict(stages_s)))
-            observe(stages_s)
+        def recording(stages_s, request_id: str | None = None) -> None:
+            self.records.append(StageRecord(time.time(), dict(stages_s), request_id))
+            observe(stages_s, request_id=request_id)
 
         metrics.observe_ttft_stages = recording
 
     def view(self, a: float, b: float) -> dict:
-        rows = [stages for t, stages in self.records if a <= t < b]
+        rows = [record.stages_s for record in self.records if a <= record.wall_s < b]
         if not rows:
             return {}
         names = list(rows[0])

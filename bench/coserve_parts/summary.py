@@ -91,6 +91,8 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
     users["ttft_stages"] = raw.ttft_stages_by_phase.get("users")
     together["load_generator"] = raw.client_stats.get("together")
     together["ttft_stages"] = raw.ttft_stages_by_phase.get("together")
+    users["ttft_path"] = raw.ttft_paths_by_phase.get("users")
+    together["ttft_path"] = raw.ttft_paths_by_phase.get("together")
     zo_alone = zo_summary(raw.steps_by_job, *raw.phases["zo"])
     zo_together = zo_summary(raw.steps_by_job, *raw.phases["together"])
     t0, t1 = raw.phases["together"]

@@ -94,7 +94,7 @@ class Generation:
             "engine_wait": times.scheduled_s - times.queued_s,
             "first_forward": times.first_token_s - times.scheduled_s,
             "to_service": time.monotonic() - times.first_token_s,
-        })
+        }, request_id=self.request_id)
 
 
 async def open_generation(request: Request, body: _Sampling, prompt: str, max_tokens: int, prefix: str) -> Generation:

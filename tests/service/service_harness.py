@@ -44,6 +44,13 @@ def service_settings(data_dir: Path, **overrides) -> Settings:
 @asynccontextmanager
 async def running_service(settings: Settings, engine) -> AsyncIterator[str]:
     """A uvicorn server for a fresh app on `engine`; on exit the app's runtime shuts down (jobs stop, not cancel)."""
+    async with running_app(settings, engine) as (_, url):
+        yield url
+
+
+@asynccontextmanager
+async def running_app(settings: Settings, engine) -> AsyncIterator[tuple]:
+    """`running_service`, yielding (the app, its URL) for tests that look at the app's state."""
     app = create_app(settings, binding=engine)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
@@ -54,7 +61,7 @@ async def running_service(settings: Settings, engine) -> AsyncIterator[str]:
             raise RuntimeError("uvicorn exited before it started")
         await asyncio.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield app, f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await task
