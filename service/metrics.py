@@ -51,7 +51,7 @@ TOKEN_CLASSES: Final = ("serve", "train")
 SLOT_USES: Final = ("probe", "serving", "pinned_version", "free")
 BUDGET_REASONS: Final = tuple(reason.value for reason in BudgetReason)
 QUEUES: Final = ("user_waiting", "user_running", "zo_waiting", "zo_inflight")
-TTFT_STAGES: Final = ("handler", "to_engine", "engine_wait", "first_forward", "to_service")
+TTFT_STAGES: Final = ("request_in", "handler", "to_engine", "engine_wait", "first_forward", "to_service")
 DEFAULT_JOB_STATES: Final = ("pending", "running", "paused", "succeeded", "failed", "cancelled")
 # Route templates, never raw paths: a path label would be unbounded (scanners, typos, adapter names in URLs).
 DEFAULT_ROUTES: Final = (
@@ -218,7 +218,8 @@ class ZoMetrics:
         )
         self._ttft_stage = Histogram(
             "zoserve_request_ttft_stage_seconds",
-            "Where user time to first token goes: handler (arrival to submission), to_engine (into vLLM's queue), "
+            "Where user time to first token goes: request_in (the app sees the request to the completion handler "
+            "starts: body, validation, auth), handler (to submission), to_engine (into vLLM's queue), "
             "engine_wait (queued to first scheduled), first_forward (scheduled to first token), to_service (back).",
             ["stage"],
             buckets=STAGE_BUCKETS_S,

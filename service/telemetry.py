@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
@@ -70,8 +71,17 @@ class _quiet:
         return False
 
 
+RECEIVED_AT_KEY = "zoserve_received_s"  # scope["state"] key: time.perf_counter() when the app first saw the request
+
+
+def received_at(scope: Scope) -> float | None:
+    """When HttpMetricsMiddleware saw the request (perf_counter), for stages that start at the HTTP layer."""
+    return scope.get("state", {}).get(RECEIVED_AT_KEY)
+
+
 class HttpMetricsMiddleware:
-    """Counts every HTTP request by matched route template (never the raw path) and status class."""
+    """Counts every HTTP request by matched route template (never the raw path) and status class, and stamps
+    when the app first saw it (`received_at`: time to first token's `request_in` stage starts there)."""
 
     def __init__(self, app: ASGIApp, metrics: ZoMetrics) -> None:
         self.app = app
@@ -81,6 +91,7 @@ class HttpMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope.setdefault("state", {})[RECEIVED_AT_KEY] = time.perf_counter()
         status = [500]
 
         async def capture(message: Message) -> None:

@@ -21,6 +21,7 @@ from scheduler.runtime import Runtime
 from service.errors import NotFound, ServiceError
 from service.inference.schemas import _Sampling
 from service.metrics import ZoMetrics
+from service.telemetry import received_at
 
 
 class ContextTooLong(ServiceError):
@@ -42,6 +43,7 @@ class Generation:
     _body: _Sampling
     _max_tokens: int
     _started: float = field(default_factory=time.perf_counter)
+    _received: float | None = None  # perf_counter when the app saw the HTTP request (telemetry.received_at)
     _slot: int | None = None  # None: the base model
     _salt: str = "base"
 
@@ -89,6 +91,7 @@ class Generation:
         if times is None:
             return
         self._metrics.observe_ttft_stages({
+            "request_in": self._started - (self._received if self._received is not None else self._started),
             "handler": handler_s,
             "to_engine": times.queued_s - entered_s,
             "engine_wait": times.scheduled_s - times.queued_s,
@@ -124,6 +127,7 @@ async def open_generation(request: Request, body: _Sampling, prompt: str, max_to
         _body=body,
         _max_tokens=max_tokens,
         _started=started,
+        _received=received_at(request.scope),
     )
     if body.model != base:
         try:

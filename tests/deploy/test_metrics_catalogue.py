@@ -29,7 +29,7 @@ def fed_metrics() -> ZoMetrics:
     m.observe_http_request("/v1/jobs/{job_id}", 404)
     for adapter_class in ADAPTER_CLASSES:
         m.observe_user_request(adapter_class, duration_s=0.3, ttft_s=0.04)
-    m.observe_ttft_stages({"handler": 0.001, "to_engine": 0.002, "engine_wait": 0.004, "first_forward": 0.005,
+    m.observe_ttft_stages({"request_in": 0.0005, "handler": 0.001, "to_engine": 0.002, "engine_wait": 0.004, "first_forward": 0.005,
                            "to_service": 0.001})
     m.set_cosched(train_budget_tokens=4096, user_latency_s=0.12, target_latency_s=0.2)
     m.set_cosched_detail(budget_reason="hold_band", job_token_shares={"sst2-lora": 0.4, "other": 0.6})

@@ -31,7 +31,7 @@ def feed(metrics: ZoMetrics, tick: int) -> None:
         metrics.set_eval_accuracy(adapter, min(1.0, 0.5 + 0.002 * tick))
     for adapter_class in ADAPTER_CLASSES:
         metrics.observe_user_request(adapter_class, duration_s=0.2 + 0.01 * (tick % 5), ttft_s=0.03)
-    metrics.observe_ttft_stages({"handler": 0.001, "to_engine": 0.003 + 0.001 * (tick % 3), "engine_wait": 0.0001,
+    metrics.observe_ttft_stages({"request_in": 0.0005, "handler": 0.001, "to_engine": 0.003 + 0.001 * (tick % 3), "engine_wait": 0.0001,
                                  "first_forward": 0.006, "to_service": 0.0015})
     metrics.observe_http_request("/v1/completions", 200)
     metrics.observe_http_request("/v1/chat/completions", 500 if tick % 10 == 0 else 200)

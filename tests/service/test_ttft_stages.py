@@ -29,3 +29,4 @@ async def test_stages_are_reported_once_per_request_under_the_sse_id(engine, tmp
         assert tuple(stages) == TTFT_STAGES
         assert all(seconds >= -1e-3 for seconds in stages.values())
         assert 0.0 < sum(stages.values()) < 30.0
+        assert stages["request_in"] > 0.0, "measured from the HTTP middleware's stamp, not from the handler"
