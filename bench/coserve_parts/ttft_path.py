@@ -1,13 +1,14 @@
 """A user request's whole path to its first token: the load generator's sample joined to the service's stages.
 
-The service splits each request's time to first token into stages from the moment its handler starts to the
-moment the first token is back in the service (service/metrics.py TTFT_STAGES). The load generator sees only
-the total, from the request's scheduled arrival to the first SSE chunk with text. Joined on the completion's
-`id` (the SSE chunks carry it; the service passes it with the stages), the two give the parts neither sees alone:
+The service splits each request's time to first token into stages, from the moment its HTTP middleware sees
+the request to the moment the first token is back in the service (service/metrics.py TTFT_STAGES). The load
+generator sees only the total, from the request's scheduled arrival to the first SSE chunk with text. Joined
+on the completion's `id` (the SSE chunks carry it; the service passes it with the stages), the two give the
+parts neither sees alone:
 
   send_lag   scheduled arrival -> the load generator sent the request (its own lateness)
-  http_in    sent -> the service's handler starts (connection, HTTP parsing, middleware, body validation)
-  handler .. to_service   the service's stages
+  http_in    sent -> the app sees the request (the load generator's own send, the connection, uvicorn's parse)
+  request_in .. to_service   the service's stages
   http_out   first token back in the service -> the load generator has parsed the SSE chunk with text
 
 The parts add up to the client's TTFT exactly, up to the clocks: wall time in both processes (`time.time()`).
