@@ -140,6 +140,23 @@ def step_tokens(data: EncodedDataset | EncodedReward, batch_size: int, num_probe
     return max(1, round(per_example * batch_size * num_probes))
 
 
+class StepTokens:
+    """`step_tokens` for a job's steps, estimated again only when the job's data is a new object (appending to a
+    stream builds a new one): building the sample's sequences on the service's event loop at every step cost
+    more than the step's planning."""
+
+    def __init__(self) -> None:
+        self._data: EncodedDataset | EncodedReward | None = None
+        self._shape: tuple[int, int] = (0, 0)
+        self._tokens = 0
+
+    def __call__(self, data: EncodedDataset | EncodedReward, batch_size: int, num_probes: int) -> int:
+        if data is not self._data or (batch_size, num_probes) != self._shape:
+            self._data, self._shape = data, (batch_size, num_probes)
+            self._tokens = step_tokens(data, batch_size, num_probes)
+        return self._tokens
+
+
 async def _evaluate(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, data: EncodedDataset) -> EvalMetric:
     tokens = step_tokens(data, len(data), 1)
     async with runtime.coscheduler.step(run.id, run.spec.weight, tokens, 1) as lease:
@@ -200,9 +217,10 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
         run.started = True
         if run.resume_requested:
             run.set_status(JobStatus.RUNNING, runtime)
+        estimate = StepTokens()
         while run.step < spec.max_steps:
             await run.resume.wait()
-            tokens = step_tokens(run.data, spec.batch_size, num_probes)
+            tokens = estimate(run.data, spec.batch_size, num_probes)
             paused = lambda: not run.resume.is_set()  # noqa: E731
             async with runtime.coscheduler.step(run.id, spec.weight, tokens, num_probes, paused) as lease:
                 outcome = await run_engine_step(
