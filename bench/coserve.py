@@ -137,6 +137,10 @@ def main() -> None:
         "--pin-worker-cpus", type=int, nargs="*", default=None,
         help="pin the process the model runs in (vLLM's worker or engine core) to these cores, every other process of the run to the rest",
     )
+    parser.add_argument(
+        "--engine-nice", type=int, default=None,
+        help="run vLLM's processes at this nice value (e.g. 10: the service and the load generator win the cores)",
+    )
     parser.add_argument("--cpu-threads", type=int, default=None, help="the engine's OpenMP threads (default: the service's, every core but one)")
     parser.add_argument(
         "--shm-busy-loop-s", type=_busy_loop_arg, default=0.0,

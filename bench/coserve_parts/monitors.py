@@ -136,6 +136,20 @@ class StageRecord:
     request_id: str | None
 
 
+def renice_engine(nice: int) -> dict[str, int]:
+    """Every thread of vLLM's processes (engine core, worker) at `nice`, so that the service and the load
+    generator win the cores when they contend (threads started later inherit it). Returns process -> threads."""
+    placed: dict[str, int] = {}
+    for proc in _run_processes():
+        if "VLLM" not in proc.name() and "EngineCore" not in proc.name():
+            continue
+        threads = proc.threads()
+        for thread in threads:
+            os.setpriority(os.PRIO_PROCESS, thread.id, nice)
+        placed[f"{proc.name()}:{proc.pid}"] = len(threads)
+    return placed
+
+
 class StageRecorder:
     """Every user request's TTFT stages as the service records them (it wraps the service's
     `ZoMetrics.observe_ttft_stages`), so a phase gives per-stage tails and the make-up of its slowest
