@@ -139,7 +139,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--engine-nice", type=int, default=None,
-        help="run vLLM's processes at this nice value (e.g. 10: the service and the load generator win the cores)",
+        help="run vLLM's processes at this nice value instead of the service's default (its own + 10); "
+        "0: the same priority as the service (as before that default)",
     )
     parser.add_argument("--cpu-threads", type=int, default=None, help="the engine's OpenMP threads (default: the service's, every core but one)")
     parser.add_argument(

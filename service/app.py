@@ -57,6 +57,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         probe_lane=settings.probe_lane,
         batched_scoring=settings.batched_scoring,
         worker_in_engine_core=settings.worker_in_engine_core,
+        engine_nice_increment=settings.engine_nice_increment,
     )
 
 

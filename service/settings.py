@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     # The model runs in vLLM's engine-core process instead of a worker process of its own (no per-step
     # round trips between the two; scheduler/engine/config.py). False: vLLM's CPU default.
     worker_in_engine_core: bool = True
+    # vLLM's processes run this much nicer than this one, so the API process (HTTP, tokenising, streaming)
+    # gets a core whenever it has work and the engine computes in what it leaves (engine/process_priority.py).
+    # 0: equal priority. Measured (bench/coserve.py, 2 cores): the API loop's lags with ZO running halved.
+    engine_nice_increment: int = Field(10, ge=0, le=19)
     data_dir: Path = Path(".zoserve")
     redis_url: str | None = None
     # Full adapter snapshot every N committed versions (replay covers the ones between).

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import psutil
 
+from scheduler.engine.process_priority import engine_processes, renice
+
 
 def _run_processes() -> list[psutil.Process]:
     """This process (the service) and every process it started: engine core, worker, load generator."""
@@ -136,18 +138,10 @@ class StageRecord:
     request_id: str | None
 
 
-def renice_engine(nice: int) -> dict[str, int]:
-    """Every thread of vLLM's processes (engine core, worker) at `nice`, so that the service and the load
-    generator win the cores when they contend (threads started later inherit it). Returns process -> threads."""
-    placed: dict[str, int] = {}
-    for proc in _run_processes():
-        if "VLLM" not in proc.name() and "EngineCore" not in proc.name():
-            continue
-        threads = proc.threads()
-        for thread in threads:
-            os.setpriority(os.PRIO_PROCESS, thread.id, nice)
-        placed[f"{proc.name()}:{proc.pid}"] = len(threads)
-    return placed
+def renice_engine(nice: int) -> dict[int, int]:
+    """Every thread of vLLM's processes at `nice` (the service's own default is its nice + 10; this overrides
+    it for A/B runs, e.g. 0). Returns pid -> threads set."""
+    return renice(engine_processes(), nice)
 
 
 class StageRecorder:

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import os
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
 from scheduler.aio import gather_or_cancel
 from scheduler.engine.config import PROBE_PRIORITY, USER_PRIORITY, EngineConfig
 from scheduler.engine.gate_cap import GateCap
+from scheduler.engine.process_priority import engine_processes, renice
 from scheduler.engine.score_wire import (
     ABORT_BATCH_METHOD,
     RUNNING_BATCHES_METHOD,
@@ -106,7 +108,11 @@ class EngineBinding:
             PeftAdapterConfig(full_shape.rank, full_shape.alpha, full_shape.target_modules, config.model),
             work_dir / "zero-adapter",
         )
+        running = {p.pid for p in engine_processes()}
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**config.engine_kwargs()))
+        if config.engine_nice_increment:
+            ours = [p for p in engine_processes() if p.pid not in running]
+            renice(ours, min(19, os.getpriority(os.PRIO_PROCESS, 0) + config.engine_nice_increment))
         # All slots but one are pinned and written in place; the last stays free for PEFT-directory loads.
         binding = cls(config, engine, tuple(range(1, config.num_slots)), zero_dir, gate_cap)
         binding.tokenizer = AutoTokenizer.from_pretrained(config.model)

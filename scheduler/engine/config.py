@@ -52,6 +52,9 @@ class EngineConfig:
     # its own: one process fewer on the cores and no shared-memory round trips between the two on every
     # step (vLLM makes two a step: the forward, then sampling). False: vLLM's CPU default, a worker process.
     worker_in_engine_core: bool = True
+    # vLLM's processes run this much nicer than the process that starts them (the API process), so that the
+    # API process gets a core whenever it has work (engine/process_priority.py). 0: the same priority.
+    engine_nice_increment: int = 10
     seed: int = 0
 
     def apply_process_env(self) -> None:

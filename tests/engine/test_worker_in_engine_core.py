@@ -7,6 +7,7 @@ Each layout gets an engine of its own here, on one thread, next to the session e
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import psutil
 import pytest
@@ -72,3 +73,17 @@ async def test_both_layouts_run_zoserves_lora_ops_in_the_model_process(engine, l
     layout, _ = layout_engine
     assert await layout.lora_ops() == ("grouped", "dense")
     assert await engine.lora_ops() == ("grouped", "dense")
+
+
+async def test_both_layouts_run_vllms_processes_nicer_than_the_api_process(engine, layout_engine):
+    from scheduler.engine.process_priority import thread_nice_values
+
+    layout, children = layout_engine
+    expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + layout.config.engine_nice_increment)
+    assert layout.config.engine_nice_increment == 10
+    for process in children:
+        assert thread_nice_values(process.pid) == {expected}, process.name()
+    session_pid, _ = await engine.model_process()
+    assert thread_nice_values(session_pid) == {expected}
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert own < expected or own == 19, "the API process keeps its own priority"
