@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
@@ -112,7 +113,10 @@ class EngineBinding:
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**config.engine_kwargs()))
         if config.engine_nice_increment:
             ours = [p for p in engine_processes() if p.pid not in running]
-            renice(ours, min(19, os.getpriority(os.PRIO_PROCESS, 0) + config.engine_nice_increment))
+            try:
+                renice(ours, min(19, os.getpriority(os.PRIO_PROCESS, 0) + config.engine_nice_increment))
+            except (OSError, psutil.Error) as exc:  # a priority, not a condition to serve: carry on without it
+                log.warning("could not renice the engine's processes: %s", exc)
         # All slots but one are pinned and written in place; the last stays free for PEFT-directory loads.
         binding = cls(config, engine, tuple(range(1, config.num_slots)), zero_dir, gate_cap)
         binding.tokenizer = AutoTokenizer.from_pretrained(config.model)
