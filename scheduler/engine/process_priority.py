@@ -4,7 +4,8 @@ On a CPU machine the engine core (and, in the worker layout, the worker) compute
 is queued, on the same cores as the API process, whose work is short and sits on every user's path: HTTP in,
 tokenising, streaming tokens out. At equal priority the kernel lets a computing engine hold a core while the
 API process waits, and the API process's event loop then lags behind the requests it has (the co-serving
-benchmark: 1.9–3.8 s of loop lags over 5 ms per minute with ZO jobs running, 0.8–1.1 s with the engine at nice 10).
+benchmark, 2 cores, ZO jobs and users together: the loop's lags over 5 ms took a median 1.8 s a minute at
+equal priority, 0.8 s with the engine at nice 10; results/coserve.md, session 11).
 A higher nice value for the engine lets the API process take a core whenever it has work; the engine gets
 everything the API process leaves.
 
