@@ -47,37 +47,82 @@ class UserSample:
         return self.done_s - self.scheduled_s
 
 
-async def one_request(client: httpx.AsyncClient, phase: str, model: str, prompt: str, max_tokens: int, scheduled_s: float) -> UserSample:
-    body = {
+class _Stream:
+    """One streamed completion's SSE lines as the client reads them: first text, usage, the completion id."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.usage: dict | None = None
+        self.completion_id: str | None = None
+
+    def line(self, line: str) -> bool:
+        """Take one line; False once the stream is done."""
+        if not line.startswith("data: "):
+            return True
+        if line == "data: [DONE]":
+            return False
+        event = json.loads(line[len("data: "):])
+        self.completion_id = self.completion_id or event.get("id")
+        if event.get("usage"):
+            self.usage = event["usage"]
+        if self.first is None and any(choice.get("text") for choice in event.get("choices", ())):
+            self.first = time.time()
+        return True
+
+    def sample(self, phase: str, scheduled_s: float, sent_s: float, error: str | None) -> UserSample:
+        if error is None and self.usage is None:
+            error = "no usage chunk"
+        usage = self.usage or {}
+        return UserSample(
+            phase, scheduled_s, sent_s, self.first, time.time(), usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", 0), error, self.completion_id,
+        )
+
+
+def _body(model: str, prompt: str, max_tokens: int) -> dict:
+    return {
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+async def one_request(client: httpx.AsyncClient, phase: str, model: str, prompt: str, max_tokens: int, scheduled_s: float) -> UserSample:
+    stream, error = _Stream(), None
     sent = time.time()
-    first, usage, error, completion_id = None, None, None, None
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as reply:
+        async with client.stream("POST", "/v1/completions", json=_body(model, prompt, max_tokens)) as reply:
             if reply.status_code != 200:
                 error = f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}"
             else:
                 async for line in reply.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
+                    if not stream.line(line):
                         break
-                    event = json.loads(line[len("data: "):])
-                    completion_id = completion_id or event.get("id")
-                    if event.get("usage"):
-                        usage = event["usage"]
-                    if first is None and any(choice.get("text") for choice in event.get("choices", ())):
-                        first = time.time()
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    if error is None and usage is None:
-        error = "no usage chunk"
-    return UserSample(
-        phase, scheduled_s, sent, first, time.time(),
-        usage["prompt_tokens"] if usage else 0, usage["completion_tokens"] if usage else 0, error, completion_id,
-    )
+    return stream.sample(phase, scheduled_s, sent, error)
+
+
+async def one_request_aiohttp(session, phase: str, model: str, prompt: str, max_tokens: int, scheduled_s: float) -> UserSample:
+    """`one_request` over aiohttp (its HTTP parser is C; httpx's h11 is Python): the load generator's own
+    per-chunk cost, which it pays in bursts after every engine step, is smaller."""
+    import aiohttp
+
+    stream, error = _Stream(), None
+    sent = time.time()
+    try:
+        async with session.post("/v1/completions", json=_body(model, prompt, max_tokens)) as reply:
+            if reply.status != 200:
+                error = f"HTTP {reply.status}: {(await reply.read())[:300]!r}"
+            else:
+                async for raw in reply.content:
+                    if not stream.line(raw.decode().rstrip("\r\n")):
+                        break
+    except (aiohttp.ClientError, json.JSONDecodeError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return stream.sample(phase, scheduled_s, sent, error)
+
+
+REQUESTERS = {"httpx": one_request, "aiohttp": one_request_aiohttp}
 
 
 def poisson_offsets(rate_per_s: float, duration_s: float, seed: int) -> list[float]:
@@ -117,18 +162,27 @@ async def _send_open_loop(client, phase: str, prompts: list[str], offsets: list[
             await asyncio.sleep(delay)
         model = USER_ADAPTERS[i % len(USER_ADAPTERS)]
         tasks.append(asyncio.create_task(
-            one_request(client, phase, model, prompts[i % len(prompts)], args.output_tokens, start + offset)
+            REQUESTERS[args.client](client, phase, model, prompts[i % len(prompts)], args.output_tokens, start + offset)
         ))
     return start, list(await asyncio.gather(*tasks))
+
+
+def _http_client(url: str, kind: str):
+    if kind == "aiohttp":
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=4096, limit_per_host=4096)
+        return aiohttp.ClientSession(base_url=url, connector=connector, timeout=aiohttp.ClientTimeout(total=120))
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+    return httpx.AsyncClient(base_url=url, timeout=120, limits=limits)
 
 
 def _client_main(url: str, kind: str, payload: dict):
     """Entry point of the load-generator process: its own interpreter and event loop, like a real client."""
 
     async def go():
-        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-            ns = argparse.Namespace(**payload["args"])
+        ns = argparse.Namespace(**payload["args"])
+        async with _http_client(url, ns.client) as client:
             if kind == "open":
                 return await open_loop(client, payload["phase"], payload["prompts"], payload["offsets"], ns)
             return await closed_loop(
@@ -148,7 +202,7 @@ class LoadClient:
         import multiprocessing
 
         self._url = url
-        self._args = {"output_tokens": args.output_tokens}
+        self._args = {"output_tokens": args.output_tokens, "client": args.load_client}
         self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
     async def _call(self, kind: str, payload: dict):
@@ -175,7 +229,9 @@ async def closed_loop(client, prompts: list[str], concurrency: int, warmup_s: fl
         i = index
         while time.time() < stop_at:
             model = USER_ADAPTERS[i % len(USER_ADAPTERS)]
-            samples.append(await one_request(client, "calibrate", model, prompts[i % len(prompts)], args.output_tokens, time.time()))
+            samples.append(await REQUESTERS[args.client](
+                client, "calibrate", model, prompts[i % len(prompts)], args.output_tokens, time.time()
+            ))
             i += concurrency
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))

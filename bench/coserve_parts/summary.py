@@ -153,6 +153,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "shm_busy_loop_s": "vllm default (1 s)" if args.shm_busy_loop_s is None else args.shm_busy_loop_s,
             "cpu_threads": args.cpu_threads if args.cpu_threads is not None else "service default (cores - 1)",
             "pin_worker_cpus": args.pin_worker_cpus or "not pinned",
+            "load_client": args.load_client,
             "engine_nice": args.engine_nice if args.engine_nice is not None else "service default (+10)",
             "step_gate": engine.step_gate.to_dict() if engine.step_gate else "off (vLLM's scheduler)",
             "probe_lane": engine.probe_lane,
