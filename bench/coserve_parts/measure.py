@@ -17,6 +17,7 @@ import numpy as np
 
 from scheduler.datasets import load_sst2
 from scheduler.engine.binding import EngineBinding
+from scheduler.engine.process_priority import engine_processes, renice
 from scheduler.engine.step_trace import TRACE_ENV, StepRecord
 from service.app import engine_config
 from service.settings import Settings
@@ -24,7 +25,7 @@ from service.settings import Settings
 from coserve_parts.jobs import JOBS, _rows, create_job, job_body, wait_job
 from coserve_parts.load import USER_ADAPTERS, LoadClient, UserSample, one_request, poisson_offsets
 from coserve_parts.monitors import (
-    EngineDeathCounter, ProcessCpu, StageRecorder, StallMonitor, pin_worker, renice_engine, sample_runtime,
+    EngineDeathCounter, ProcessCpu, StageRecorder, StallMonitor, pin_worker, sample_runtime,
 )
 from coserve_parts.service import Service
 from coserve_parts.steps import load_steps
@@ -199,7 +200,8 @@ async def run(args) -> tuple[dict, Raw]:
         async with Service(settings, binding) as service:
             print(f"service up on {service.url} in {time.time() - started:.1f} s", flush=True)
             if args.engine_nice is not None:
-                print(f"engine reniced to {args.engine_nice}: {renice_engine(args.engine_nice)}", flush=True)
+                reniced = renice(engine_processes(), args.engine_nice)  # overrides the service's +10 (A/B runs)
+                print(f"engine reniced to {args.engine_nice}: {reniced}", flush=True)
             if args.pin_worker_cpus:
                 print(f"pinned: {pin_worker(set(args.pin_worker_cpus), config.worker_in_engine_core)}", flush=True)
             raw = await measure(args, service, prompts, train_rows)

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import psutil
 
-from scheduler.engine.process_priority import engine_processes, renice
-
 
 def _run_processes() -> list[psutil.Process]:
     """This process (the service) and every process it started: engine core, worker, load generator."""
@@ -136,12 +134,6 @@ class StageRecord:
     wall_s: float  # when the service saw the request's first token (time.time())
     stages_s: dict[str, float]  # TTFT stage -> seconds (service/metrics.py TTFT_STAGES), in order
     request_id: str | None
-
-
-def renice_engine(nice: int) -> dict[int, int]:
-    """Every thread of vLLM's processes at `nice` (the service's own default is its nice + 10; this overrides
-    it for A/B runs, e.g. 0). Returns pid -> threads set."""
-    return renice(engine_processes(), nice)
 
 
 class StageRecorder:

@@ -13,20 +13,18 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import os
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 
 from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
 from scheduler.aio import gather_or_cancel
 from scheduler.engine.config import PROBE_PRIORITY, USER_PRIORITY, EngineConfig
 from scheduler.engine.gate_cap import GateCap
-from scheduler.engine.process_priority import engine_processes, renice
+from scheduler.engine.process_priority import engine_processes, make_nicer
 from scheduler.engine.score_wire import (
     ABORT_BATCH_METHOD,
     RUNNING_BATCHES_METHOD,
@@ -112,11 +110,7 @@ class EngineBinding:
         running = {p.pid for p in engine_processes()}
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**config.engine_kwargs()))
         if config.engine_nice_increment:
-            ours = [p for p in engine_processes() if p.pid not in running]
-            try:
-                renice(ours, min(19, os.getpriority(os.PRIO_PROCESS, 0) + config.engine_nice_increment))
-            except (OSError, psutil.Error) as exc:  # a priority, not a condition to serve: carry on without it
-                log.warning("could not renice the engine's processes: %s", exc)
+            make_nicer([p for p in engine_processes() if p.pid not in running], config.engine_nice_increment)
         # All slots but one are pinned and written in place; the last stays free for PEFT-directory loads.
         binding = cls(config, engine, tuple(range(1, config.num_slots)), zero_dir, gate_cap)
         binding.tokenizer = AutoTokenizer.from_pretrained(config.model)

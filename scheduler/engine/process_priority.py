@@ -15,9 +15,12 @@ thread vLLM has started by the time the engine is up covers the ones it starts l
 
 from __future__ import annotations
 
+import logging
 import os
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 ENGINE_PROCESS_MARKERS = ("VLLM", "EngineCore")  # vLLM titles its processes VLLM::EngineCore, VLLM::Worker...
 
@@ -40,9 +43,14 @@ def renice(processes: list[psutil.Process], nice: int) -> dict[int, int]:
     return placed
 
 
-def thread_nice_values(pid: int) -> set[int]:
-    """The nice values the threads of `pid` run at."""
-    return {os.getpriority(os.PRIO_PROCESS, thread.id) for thread in psutil.Process(pid).threads()}
+def make_nicer(processes: list[psutil.Process], increment: int) -> dict[int, int]:
+    """`renice` `processes` to this process's nice value + `increment` (at most 19). A failure is logged, not
+    raised: the engine serves without the priority."""
+    try:
+        return renice(processes, min(19, os.getpriority(os.PRIO_PROCESS, 0) + increment))
+    except (OSError, psutil.Error) as exc:
+        log.warning("could not renice the engine's processes: %s", exc)
+        return {}
 
 
 def _name(process: psutil.Process) -> str:

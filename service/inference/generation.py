@@ -43,7 +43,7 @@ class Generation:
     _body: _Sampling
     _max_tokens: int
     _started: float = field(default_factory=time.perf_counter)
-    _received: float | None = None  # perf_counter when the app saw the HTTP request (telemetry.received_at)
+    _request_in_s: float = 0.0  # the HTTP middleware's first sight of the request -> _started
     _slot: int | None = None  # None: the base model
     _salt: str = "base"
 
@@ -91,7 +91,7 @@ class Generation:
         if times is None:
             return
         self._metrics.observe_ttft_stages({
-            "request_in": self._started - (self._received if self._received is not None else self._started),
+            "request_in": self._request_in_s,
             "handler": handler_s,
             "to_engine": times.queued_s - entered_s,
             "engine_wait": times.scheduled_s - times.queued_s,
@@ -127,7 +127,7 @@ async def open_generation(request: Request, body: _Sampling, prompt: str, max_to
         _body=body,
         _max_tokens=max_tokens,
         _started=started,
-        _received=received_at(request.scope),
+        _request_in_s=started - (received_at(request.scope) or started),
     )
     if body.model != base:
         try:

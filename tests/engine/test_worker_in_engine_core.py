@@ -75,9 +75,11 @@ async def test_both_layouts_run_zoserves_lora_ops_in_the_model_process(engine, l
     assert await engine.lora_ops() == ("grouped", "dense")
 
 
-async def test_both_layouts_run_vllms_processes_nicer_than_the_api_process(engine, layout_engine):
-    from scheduler.engine.process_priority import thread_nice_values
+def thread_nice_values(pid: int) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, thread.id) for thread in psutil.Process(pid).threads()}
 
+
+async def test_both_layouts_run_vllms_processes_nicer_than_the_api_process(engine, layout_engine):
     layout, children = layout_engine
     expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + layout.config.engine_nice_increment)
     assert layout.config.engine_nice_increment == 10
