@@ -11,6 +11,9 @@ User load comes from a separate client process (its own event loop). Time to fir
 the client, from the scheduled arrival time to the first SSE chunk that
 carries text; end-to-end (e2e) to `[DONE]`. ZO step rates and scoring tokens come from the jobs' step metrics
 (`GET /v1/jobs/{id}/metrics`), counted by step completion time inside each phase's window.
+With `--rounds N` the three phases take turns in N rounds of 1/N of the phase length (users, zo, together,
+users, ...; the jobs paused and drained for each later users window) and each figure is taken over a phase's
+N windows, so the machine's drift over the run reaches every phase alike (coserve_parts/windows.py).
 
 Figures (the JSON's last line with --json):
   user_ttft_p99_ratio  p99 TTFT together / p99 TTFT users alone     (target <= 1.25)
@@ -48,6 +51,13 @@ from coserve_parts.summary import SENT_LATE_S  # noqa: E402
 
 def _gate_arg(text: str) -> int | None:
     return None if text == "off" else int(text)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _busy_loop_arg(text: str) -> float | None:
@@ -183,6 +193,16 @@ def main() -> None:
         "--no-step-trace", dest="step_trace", action="store_false",
         help="do not trace the engine's steps (by default every step is traced and summarised per phase)",
     )
+    parser.add_argument(
+        "--rounds", type=_positive_int, default=1,
+        help="run the three phases in N rounds of 1/N of the phase length each (users, zo, together, users, ...) "
+        "and measure each phase over its N windows: the machine's drift then reaches all three alike. The jobs "
+        "are paused (their steps drained) for each later users window. 1: the phases once each, one after the other",
+    )
+    parser.add_argument(
+        "--resume-settle-s", type=float, default=1.0,
+        help="with --rounds: seconds between resuming the jobs and opening the zo window (steps in flight again)",
+    )
     parser.add_argument("--smoke", action="store_true", help="seconds-long phases: checks the wiring, measures nothing")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -194,10 +214,10 @@ def main() -> None:
     result, raw = asyncio.run(asyncio.wait_for(run(args), 3600))
     gc.collect()  # finalise the shut-down engine now, not during interpreter teardown (noisy there)
     if args.plot:
-        plot(Path(args.plot), raw.phases["users"][0], raw.phases, raw.samples, raw.steps_by_job, raw.runtime_rows, args.rolling_window_s)
+        plot(Path(args.plot), raw.phases["users"].start, raw.phases, raw.samples, raw.steps_by_job, raw.runtime_rows, args.rolling_window_s)
     if args.raw_out:
         Path(args.raw_out).write_text(json.dumps({
-            "phases": raw.phases,
+            "phases": {name: windows.to_json() for name, windows in raw.phases.items()},  # [[start, end], ...]
             "samples": [{**asdict(s), "ttft_s": s.ttft_s, "e2e_s": s.e2e_s} for s in raw.samples],
             "steps": {adapter: steps for adapter, (_, steps) in raw.steps_by_job.items()},
             "runtime": raw.runtime_rows,

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from coserve_parts.steps import KINDS, load_steps, step_kind, summarise_steps  # noqa: E402
+from coserve_parts.windows import Windows  # noqa: E402
 
 from scheduler.engine.binding import USER_PRIORITY, EngineBinding  # noqa: E402
 from scheduler.engine.config import PROBE_PRIORITY, EngineConfig  # noqa: E402
@@ -47,7 +48,7 @@ NUM_STATES = 6  # slots 0-2 serve users, 3-5 hold probe states
 
 def summarise(records: list[StepRecord], start_s: float, end_s: float) -> dict:
     """bench/coserve.py's per-kind step summary, with the median scheduling and output-update time added."""
-    summary = summarise_steps(records, start_s, end_s)
+    summary = summarise_steps(records, Windows.of(start_s, end_s))
     inside = [r for r in records if start_s <= r.schedule_start_s < end_s]
     for kind in KINDS:
         if kind not in summary:

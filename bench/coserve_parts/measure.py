@@ -31,6 +31,7 @@ from coserve_parts.service import Service
 from coserve_parts.steps import load_steps
 from coserve_parts.summary import summarise
 from coserve_parts.ttft_path import join_paths, summarise_paths
+from coserve_parts.windows import Windows, merge_counts
 
 
 @dataclass
@@ -40,14 +41,14 @@ class Raw:
     calibration: dict
     rate_per_s: float
     phase_s: float
-    phases: dict[str, tuple[float, float]]  # name -> (wall start, wall end) of its measurement window
+    phases: dict[str, Windows]  # name -> its measurement windows (one, or one per round with --rounds)
     samples: list[UserSample]
     steps_by_job: dict[str, tuple[float, list[dict]]]  # adapter -> (weight, step metrics from the API)
     runtime_rows: list[dict]
     job_states: dict[str, str]
     engine_healthy: bool
     stalls: StallMonitor
-    client_stats: dict[str, dict]  # phase -> the load generator's own event-loop lags
+    client_stats: dict[str, dict]  # phase -> the load generator's own event-loop lags, over its windows
     cpu_by_phase: dict[str, dict[str, float]]  # phase -> process -> CPU seconds per second
     ttft_stages_by_phase: dict[str, dict]  # user phase -> StageRecorder.view (server-side TTFT stages)
     ttft_paths_by_phase: dict[str, dict]  # user phase -> ttft_path.summarise_paths (client and server joined)
@@ -92,46 +93,66 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         stop_sampling = asyncio.Event()
         sampler = asyncio.create_task(sample_runtime(service.runtime, runtime_rows, stop_sampling, 0.25))
         stall_task = asyncio.create_task(stalls.run(stop_sampling))
-        phases: dict[str, tuple[float, float]] = {}
-        client_stats: dict[str, dict] = {}
+        phases: dict[str, Windows] = {}
+        cpu_spans: dict[str, list[tuple[str, str]]] = {}
+        client_stats: dict[str, list[dict]] = {}
         samples: list[UserSample] = []
         job_ids: dict[str, str] = {}
         stages = StageRecorder(service.app.state.metrics)
+        block_s = duration / args.rounds
 
-        async def user_phase(name: str) -> float:
-            """The arrival sequence once, from the load generator; returns the phase's wall start."""
-            cpu.mark(f"{name}_start")
-            t0, got, client_stats[name] = await load.open_loop(name, prompts, offsets)
-            cpu.mark(f"{name}_end")
-            phases[name] = (t0, t0 + duration)
+        def add_window(name: str, start: float) -> None:
+            end = start + block_s
+            phases[name] = phases[name].add(start, end) if name in phases else Windows.of(start, end)
+
+        async def user_block(name: str, round_index: int) -> None:
+            """This round's share of the arrival sequence (the same in both user phases), from the load generator."""
+            lo, hi = round_index * block_s, (round_index + 1) * block_s
+            block = [o - lo for o in offsets if lo <= o < hi]
+            first = sum(1 for o in offsets if o < lo)
+            rotated = prompts[first % len(prompts):] + prompts[: first % len(prompts)]
+            cpu.mark(f"{name}_start_{round_index}")
+            t0, got, stats = await load.open_loop(name, rotated, block)
+            cpu.mark(f"{name}_end_{round_index}")
+            cpu_spans.setdefault(name, []).append((f"{name}_start_{round_index}", f"{name}_end_{round_index}"))
+            client_stats.setdefault(name, []).append(stats)
+            add_window(name, t0)
             samples.extend(got)
-            return t0
+
+        async def zo_block(round_index: int) -> None:
+            t0 = time.time()
+            cpu.mark(f"zo_start_{round_index}")
+            await asyncio.sleep(block_s)
+            cpu.mark(f"zo_end_{round_index}")
+            cpu_spans.setdefault("zo", []).append((f"zo_start_{round_index}", f"zo_end_{round_index}"))
+            add_window("zo", t0)
 
         try:
-            print("phase users: users alone ...", flush=True)
-            t0 = await user_phase("users")
-            if args.target_ttft_ms is None and args.target_from_users is not None:
-                alone = [r["server_ttft_p95_ms"] for r in runtime_rows if t0 <= r["t"] and r["server_ttft_p95_ms"]]
-                target_ms = args.target_from_users * float(np.median(alone))
-                service.runtime.coscheduler.set_target_ttft_ms(target_ms)
-                args.target_ttft_ms = target_ms
-                print(f"co-scheduler target: {target_ms:.0f} ms p95 TTFT ({args.target_from_users} x users-alone median p95)")
+            for round_index in range(args.rounds):
+                if round_index:
+                    await pause_jobs(client, service, job_ids.values())
+                print(f"phase users: users alone{_round(round_index, args.rounds)} ...", flush=True)
+                await user_block("users", round_index)
+                if round_index == 0:
+                    if args.target_ttft_ms is None and args.target_from_users is not None:
+                        t0 = phases["users"].start
+                        alone = [r["server_ttft_p95_ms"] for r in runtime_rows if t0 <= r["t"] and r["server_ttft_p95_ms"]]
+                        target_ms = args.target_from_users * float(np.median(alone))
+                        service.runtime.coscheduler.set_target_ttft_ms(target_ms)
+                        args.target_ttft_ms = target_ms
+                        print(f"co-scheduler target: {target_ms:.0f} ms p95 TTFT ({args.target_from_users} x users-alone median p95)")
+                    for adapter, weight in JOBS:
+                        body = job_body(adapter, weight, 1_000_000, args.zo_batch_size, args.zo_q, train_rows, args.zo_options)
+                        job_ids[adapter] = await create_job(client, body)
+                    for job_id in job_ids.values():
+                        await wait_job(client, job_id, lambda j: j["status"] == "running" and j["step"] >= args.zo_warmup_steps, 600)
+                else:
+                    await resume_jobs(client, job_ids.values(), args.resume_settle_s)
 
-            for adapter, weight in JOBS:
-                body = job_body(adapter, weight, 1_000_000, args.zo_batch_size, args.zo_q, train_rows, args.zo_options)
-                job_ids[adapter] = await create_job(client, body)
-            for job_id in job_ids.values():
-                await wait_job(client, job_id, lambda j: j["status"] == "running" and j["step"] >= args.zo_warmup_steps, 600)
-
-            print("phase zo: the two jobs alone ...", flush=True)
-            t0 = time.time()
-            cpu.mark("zo_start")
-            await asyncio.sleep(duration)
-            cpu.mark("zo_end")
-            phases["zo"] = (t0, t0 + duration)
-
-            print("phase together: users and the two jobs ...", flush=True)
-            await user_phase("together")
+                print(f"phase zo: the two jobs alone{_round(round_index, args.rounds)} ...", flush=True)
+                await zo_block(round_index)
+                print(f"phase together: users and the two jobs{_round(round_index, args.rounds)} ...", flush=True)
+                await user_block("together", round_index)
 
             steps_by_job, job_states = {}, {}
             for adapter, weight in JOBS:
@@ -152,15 +173,42 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
     load.close()
     return Raw(
         calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy, stalls,
-        client_stats, {phase: cpu.view(f"{phase}_start", f"{phase}_end") for phase in ("users", "zo", "together")},
-        {phase: stages.view(*phases[phase]) for phase in ("users", "together")},
+        {phase: merge_counts(views) for phase, views in client_stats.items()},
+        {phase: cpu.view(cpu_spans[phase]) for phase in ("users", "zo", "together")},
+        {phase: stages.view(phases[phase]) for phase in ("users", "together")},
         {phase: _paths(samples, stages, phase, phases[phase]) for phase in ("users", "together")},
     )
 
 
-def _paths(samples: list[UserSample], stages: StageRecorder, phase: str, window: tuple[float, float]) -> dict:
+def _paths(samples: list[UserSample], stages: StageRecorder, phase: str, windows: Windows) -> dict:
     of_phase = [s for s in samples if s.phase == phase and s.first_text_s is not None]
-    return summarise_paths(join_paths(of_phase, stages.records, *window), len(of_phase))
+    return summarise_paths(join_paths(of_phase, stages.records, windows), len(of_phase))
+
+
+def _round(index: int, rounds: int) -> str:
+    return f" (round {index + 1} of {rounds})" if rounds > 1 else ""
+
+
+async def pause_jobs(client, service: Service, job_ids, timeout_s: float = 120.0) -> None:
+    """Pause the jobs and wait until none of their steps is in the engine any more (users alone again)."""
+    for job_id in job_ids:
+        (await client.post(f"/v1/jobs/{job_id}/pause")).raise_for_status()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snapshot = service.runtime.coscheduler.snapshot()
+        if snapshot.num_steps_in_flight == 0 and snapshot.num_probe_tokens_in_flight == 0:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"paused jobs still had steps in flight after {timeout_s:.0f} s: {snapshot}")
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # the steps' commits and publishes, after their last probe
+
+
+async def resume_jobs(client, job_ids, settle_s: float) -> None:
+    """Resume the jobs and give them `settle_s` to have steps in flight again before the zo window opens."""
+    for job_id in job_ids:
+        (await client.post(f"/v1/jobs/{job_id}/resume")).raise_for_status()
+    await asyncio.sleep(settle_s)
 
 
 async def run(args) -> tuple[dict, Raw]:

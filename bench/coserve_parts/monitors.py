@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import psutil
 
+from coserve_parts.windows import Windows
+
 
 def _run_processes() -> list[psutil.Process]:
     """This process (the service) and every process it started: engine core, worker, load generator."""
@@ -63,9 +65,9 @@ class StallMonitor:
         finally:
             gc.callbacks.remove(self._on_gc)
 
-    def view(self, a: float, b: float) -> dict:
-        lags = sorted(ms for t, ms in self.loop_lags if a <= t < b)
-        pauses = [(g, ms) for t, g, ms in self.gc_pauses if a <= t < b]
+    def view(self, windows: Windows) -> dict:
+        lags = sorted(ms for t, ms in self.loop_lags if t in windows)
+        pauses = [(g, ms) for t, g, ms in self.gc_pauses if t in windows]
         gen2 = [ms for g, ms in pauses if g == 2]
         return {
             "loop_lags_over_5ms": len(lags),
@@ -102,12 +104,18 @@ class ProcessCpu:
     def mark(self, label: str) -> None:
         self.marks[label] = {"t": time.time(), **self._names()}
 
-    def view(self, start: str, end: str) -> dict[str, float]:
-        a, b = self.marks.get(start), self.marks.get(end)
-        if a is None or b is None:
-            return {}
-        elapsed = b["t"] - a["t"]
-        return {k: round((b[k] - a.get(k, 0.0)) / elapsed, 3) for k in b if k != "t"}
+    def view(self, spans: list[tuple[str, str]]) -> dict[str, float]:
+        """CPU seconds per second of each process over the (start mark, end mark) spans together."""
+        elapsed, used = 0.0, {}
+        for start, end in spans:
+            a, b = self.marks.get(start), self.marks.get(end)
+            if a is None or b is None:
+                return {}
+            elapsed += b["t"] - a["t"]
+            for k in b:
+                if k != "t":
+                    used[k] = used.get(k, 0.0) + b[k] - a.get(k, 0.0)
+        return {k: round(v / elapsed, 3) for k, v in used.items()} if elapsed > 0 else {}
 
 
 def pin_worker(worker_cpus: set[int], in_engine_core: bool) -> dict[str, list[int]]:
@@ -151,8 +159,8 @@ class StageRecorder:
 
         metrics.observe_ttft_stages = recording
 
-    def view(self, a: float, b: float) -> dict:
-        rows = [record.stages_s for record in self.records if a <= record.wall_s < b]
+    def view(self, windows: Windows) -> dict:
+        rows = [record.stages_s for record in self.records if record.wall_s in windows]
         if not rows:
             return {}
         names = list(rows[0])

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from coserve_parts.load import UserSample
+from coserve_parts.windows import Windows
 
 
-def plot(path: Path, origin: float, phases: dict, samples: list[UserSample], steps_by_job, runtime_rows, window_s: float) -> None:
+def plot(path: Path, origin: float, phases: dict[str, Windows], samples: list[UserSample], steps_by_job, runtime_rows, window_s: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,16 +18,17 @@ def plot(path: Path, origin: float, phases: dict, samples: list[UserSample], ste
 
     fig, (ax_user, ax_zo, ax_budget) = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
     colors = {"users": "#dbe9f6", "zo": "#fde8d0", "together": "#e3f1dc"}
-    for name, (t0, t1) in phases.items():
-        for ax in (ax_user, ax_zo, ax_budget):
-            ax.axvspan(t0 - origin, t1 - origin, color=colors[name], zorder=0)
-        ax_user.text((t0 + t1) / 2 - origin, 1.0, name, transform=ax_user.get_xaxis_transform(), ha="center", va="bottom")
+    for name, windows in phases.items():
+        for t0, t1 in windows:
+            for ax in (ax_user, ax_zo, ax_budget):
+                ax.axvspan(t0 - origin, t1 - origin, color=colors[name], zorder=0)
+            ax_user.text((t0 + t1) / 2 - origin, 1.0, name, transform=ax_user.get_xaxis_transform(), ha="center", va="bottom")
 
     ok = [s for s in samples if s.ttft_s is not None and s.phase in ("users", "together")]
     xs = np.array([s.scheduled_s - origin for s in ok])
     ys = np.array([s.ttft_s * 1000.0 for s in ok])
     ax_user.scatter(xs, ys, s=3, color="0.6", alpha=0.5, label="TTFT (each request)")
-    grid = np.arange(0.0, max(t1 for _, t1 in phases.values()) - origin, 1.0)
+    grid = np.arange(0.0, max(windows.end for windows in phases.values()) - origin, 1.0)
     p50, p99 = [], []
     for t in grid:
         inside = ys[(xs > t - window_s) & (xs <= t)]

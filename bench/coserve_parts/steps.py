@@ -12,6 +12,8 @@ from pathlib import Path
 from scheduler.engine.step_trace import StepRecord, read_step_trace
 from scheduler.planning import percentile_ms
 
+from coserve_parts.windows import Windows
+
 KINDS = ("user_prefill", "decode_only", "decode_and_probes", "probes_only")
 
 
@@ -23,10 +25,14 @@ def step_kind(step: StepRecord) -> str | None:
     return "probes_only" if step.probe_tokens > 0 else None
 
 
-def summarise_steps(steps: list[StepRecord], start_s: float, end_s: float) -> dict:
-    """Steps that started inside [start_s, end_s), each with its period up to the next step's start."""
-    inside = [(a, b.schedule_start_s - a.schedule_start_s) for a, b in zip(steps, steps[1:])
-              if start_s <= a.schedule_start_s < end_s]
+def summarise_steps(steps: list[StepRecord], windows: Windows) -> dict:
+    """Steps that started inside the windows, each with its period up to the next step's start (cut at the end
+    of its window: between two rounds' windows the engine waits for the next phase)."""
+    inside = []
+    for a, b in zip(steps, steps[1:]):
+        end = windows.window_end(a.schedule_start_s)
+        if end is not None:
+            inside.append((a, min(b.schedule_start_s, end) - a.schedule_start_s))
     total_s = sum(period for _, period in inside)
     result: dict = {"num_steps": len(inside), "steps_per_s": len(inside) / total_s if total_s else 0.0}
     for kind in KINDS:

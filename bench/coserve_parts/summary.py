@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from coserve_parts.steps import summarise_steps
+from coserve_parts.windows import Windows
 
 if TYPE_CHECKING:
     from coserve_parts.load import UserSample
@@ -45,11 +46,12 @@ def user_summary(samples: list[UserSample], duration_s: float) -> dict:
     }
 
 
-def zo_summary(steps_by_job: dict[str, tuple[float, list[dict]]], t0: float, t1: float) -> dict:
-    duration = t1 - t0
+def zo_summary(steps_by_job: dict[str, tuple[float, list[dict]]], windows: Windows) -> dict:
+    """Steps that completed inside the windows, per second of window."""
+    duration = windows.duration_s
     jobs = {}
     for adapter, (weight, steps) in steps_by_job.items():
-        inside = [m for m in steps if t0 <= m["time"] < t1]
+        inside = [m for m in steps if m["time"] in windows]
         jobs[adapter] = {
             "weight": weight,
             "num_steps": len(inside),
@@ -93,11 +95,10 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
     together["ttft_stages"] = raw.ttft_stages_by_phase.get("together")
     users["ttft_path"] = raw.ttft_paths_by_phase.get("users")
     together["ttft_path"] = raw.ttft_paths_by_phase.get("together")
-    zo_alone = zo_summary(raw.steps_by_job, *raw.phases["zo"])
-    zo_together = zo_summary(raw.steps_by_job, *raw.phases["together"])
-    t0, t1 = raw.phases["together"]
+    zo_alone = zo_summary(raw.steps_by_job, raw.phases["zo"])
+    zo_together = zo_summary(raw.steps_by_job, raw.phases["together"])
     user_tokens = sum(
-        s.num_prompt_tokens + s.num_output_tokens for s in raw.samples if s.phase == "together" and t0 <= s.done_s < t1
+        s.num_prompt_tokens + s.num_output_tokens for s in raw.samples if s.phase == "together" and s.done_s in raw.phases["together"]
     )
     all_tokens = zo_together["num_tokens"] + user_tokens
     fair_errors = [e for e in (zo_alone["fair_share_error"], zo_together["fair_share_error"]) if e is not None]
@@ -110,8 +111,8 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
         "fair_share_error": max(fair_errors) if fair_errors else None,
     }
 
-    def controller_view(a: float, b: float) -> dict:
-        rows = [r for r in raw.runtime_rows if a <= r["t"] < b]
+    def controller_view(windows: Windows) -> dict:
+        rows = [r for r in raw.runtime_rows if r["t"] in windows]
 
         def median(key: str) -> float | None:
             values = [r[key] for r in rows if r.get(key) is not None]
@@ -122,7 +123,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             if r["budget_reason"]:
                 reasons[r["budget_reason"]] = reasons.get(r["budget_reason"], 0) + 1
         return {
-            **raw.stalls.view(a, b),
+            **raw.stalls.view(windows),
             "budget_tokens_median": median("budget_tokens"),
             "probe_tokens_in_flight_median": median("probe_tokens_in_flight"),
             "server_ttft_p95_ms_median": median("server_ttft_p95_ms"),
@@ -143,7 +144,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
         "jobs_status_before_cancel": raw.job_states,
         "config": {
             "model": args.model, "dtype": args.dtype, "num_slots": args.num_slots, "output_tokens": args.output_tokens,
-            "load_fraction": args.load_fraction if args.users_rate_per_s is None else "fixed rate (--users-rate-per-s)", "rate_per_s": raw.rate_per_s, "phase_s": raw.phase_s, "seed": args.seed,
+            "load_fraction": args.load_fraction if args.users_rate_per_s is None else "fixed rate (--users-rate-per-s)", "rate_per_s": raw.rate_per_s, "phase_s": raw.phase_s, "rounds": args.rounds, "seed": args.seed,
             "zo_batch_size": args.zo_batch_size, "zo_num_directions": args.zo_q, "zo_options": args.zo_options or "job default",
             "coscheduler_target_ttft_ms": args.target_ttft_ms if args.target_ttft_ms is not None else "service default",
             "coscheduler_chunk_tokens": args.chunk_tokens if args.chunk_tokens is not None else "service default",
@@ -163,15 +164,15 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
         },
         "calibration": raw.calibration,
         "phases": {
-            "users": {"users": users, "controller": controller_view(*raw.phases["users"]), "cpu": raw.cpu_by_phase["users"]},
-            "zo": {"zo": zo_alone, "controller": controller_view(*raw.phases["zo"]), "cpu": raw.cpu_by_phase["zo"]},
+            "users": {"users": users, "controller": controller_view(raw.phases["users"]), "cpu": raw.cpu_by_phase["users"]},
+            "zo": {"zo": zo_alone, "controller": controller_view(raw.phases["zo"]), "cpu": raw.cpu_by_phase["zo"]},
             "together": {
                 "users": together, "zo": zo_together, "user_tokens": user_tokens,
-                "controller": controller_view(*raw.phases["together"]), "cpu": raw.cpu_by_phase["together"],
+                "controller": controller_view(raw.phases["together"]), "cpu": raw.cpu_by_phase["together"],
             },
         },
     }
     if raw.engine_steps:
-        for name, (start, end) in raw.phases.items():
-            result["phases"][name]["engine_steps"] = summarise_steps(raw.engine_steps, start, end)
+        for name, windows in raw.phases.items():
+            result["phases"][name]["engine_steps"] = summarise_steps(raw.engine_steps, windows)
     return result

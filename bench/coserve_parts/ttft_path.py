@@ -20,17 +20,19 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from coserve_parts.windows import Windows
+
 PARTS_BEFORE = ("send_lag", "http_in")
 PARTS_AFTER = ("http_out",)
 
 
-def join_paths(samples: Iterable, records: Iterable, start_s: float, end_s: float) -> list[dict[str, float]]:
-    """One row (part -> ms) per sample scheduled in [start_s, end_s) that got a first token and whose
+def join_paths(samples: Iterable, records: Iterable, windows: Windows) -> list[dict[str, float]]:
+    """One row (part -> ms) per sample scheduled inside the windows that got a first token and whose
     completion id the service recorded stages for; rows keep the service's stage order."""
     by_id = {record.request_id: record for record in records if record.request_id is not None}
     rows = []
     for sample in samples:
-        if not start_s <= sample.scheduled_s < end_s or sample.first_text_s is None:
+        if sample.scheduled_s not in windows or sample.first_text_s is None:
             continue
         record = by_id.get(sample.completion_id)
         if record is None:

@@ -12,6 +12,7 @@ from scheduler.engine.step_trace import TRACE_ENV, StepRecord, StepTracer, read_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from coserve_parts.steps import load_steps, step_kind, summarise_steps  # noqa: E402
+from coserve_parts.windows import Windows  # noqa: E402
 
 PROBE = 10
 
@@ -71,7 +72,7 @@ def test_phase_summary_splits_steps_by_kind_and_time():
             steps.append(_step(t, 14.5, probe_tokens=200, user_tokens=4))
             t += 0.015
     steps.append(_step(t, 1.0, user_tokens=1))  # ends the last period
-    summary = summarise_steps(steps, 10.0, t)
+    summary = summarise_steps(steps, Windows.of(10.0, t))
     assert summary["num_steps"] == 40
     assert summary["decode_only"]["share_of_steps"] == pytest.approx(0.5)
     assert summary["decode_and_probes"]["share_of_time"] == pytest.approx(0.75)
@@ -79,7 +80,19 @@ def test_phase_summary_splits_steps_by_kind_and_time():
     assert summary["decode_and_probes"]["probe_tokens_mean"] == 200
     assert "user_prefill" not in summary
     # A window holding only the second half counts only its steps.
-    assert summarise_steps(steps, 10.2, t)["num_steps"] < 40
+    assert summarise_steps(steps, Windows.of(10.2, t))["num_steps"] < 40
+
+
+def test_phase_summary_over_several_windows_cuts_periods_at_each_windows_end():
+    """A phase measured in rounds: steps of both windows count, and the last step of the first window does not
+    carry the gap until the engine's next step (the other phases' time in between) as its period."""
+    steps = [_step(10.0 + 0.01 * i, 9.0, probe_tokens=100, user_tokens=2) for i in range(10)]  # 10 ms steps
+    steps += [_step(20.0 + 0.01 * i, 9.0, user_tokens=2) for i in range(11)]  # 9.9 s later: decode-only steps
+    summary = summarise_steps(steps, Windows.of(10.0, 10.1).add(20.0, 20.1))
+    assert summary["num_steps"] == 20
+    assert summary["decode_and_probes"]["share_of_time"] == pytest.approx(0.5)
+    assert summary["decode_and_probes"]["period_p99_ms"] == pytest.approx(10.0)  # not 9.9 s
+    assert summary["steps_per_s"] == pytest.approx(100.0)
 
 
 def test_load_steps_merges_files_in_time_order(tmp_path):

@@ -1,0 +1,61 @@
+"""bench/coserve.py's phase windows: one per phase, or one per round with --rounds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from coserve_parts.summary import zo_summary  # noqa: E402
+from coserve_parts.windows import Windows, merge_counts  # noqa: E402
+
+
+def test_windows_hold_their_spans_and_nothing_between_them():
+    windows = Windows.of(10.0, 20.0).add(40.0, 50.0)
+    assert 10.0 in windows and 19.99 in windows and 45.0 in windows
+    assert 20.0 not in windows and 30.0 not in windows and 50.0 not in windows and 9.0 not in windows
+    assert windows.duration_s == 20.0
+    assert (windows.start, windows.end) == (10.0, 50.0)
+    assert windows.window_end(12.0) == 20.0 and windows.window_end(41.0) == 50.0 and windows.window_end(30.0) is None
+    assert windows.to_json() == [[10.0, 20.0], [40.0, 50.0]]
+
+
+@pytest.mark.parametrize("spans", [((10.0, 5.0),), ((10.0, 20.0), (15.0, 30.0)), ((40.0, 50.0), (10.0, 20.0))])
+def test_windows_refuse_backwards_overlapping_or_unordered_spans(spans):
+    with pytest.raises(ValueError):
+        Windows(spans)
+
+
+def test_zo_rates_are_per_second_of_window_over_every_round():
+    """Steps completing between two rounds' windows (users draining, jobs pausing) do not count, and the rate
+    divides by the windows' time, not by the span from the first window's start to the last one's end."""
+    steps = [{"time": t, "num_tokens": 100, "duration_s": 0.1} for t in (10.5, 11.5, 15.0, 20.5, 21.5)]
+    heavy = [{"time": t, "num_tokens": 100, "duration_s": 0.1} for t in (10.2, 10.4, 11.2, 11.4, 20.2, 20.4, 21.2, 21.4)]
+    summary = zo_summary({"light": (1.0, steps), "heavy": (2.0, heavy)}, Windows.of(10.0, 12.0).add(20.0, 22.0))
+    assert summary["duration_s"] == 4.0
+    assert summary["jobs"]["light"]["num_steps"] == 4  # 15.0 lies between the windows
+    assert summary["steps_per_s"] == pytest.approx((4 + 8) / 4.0)
+    assert summary["fair_share_error"] == pytest.approx(0.0)
+
+
+def test_merged_counters_add_up_and_keep_the_largest_maximum():
+    merged = merge_counts([
+        {"loop_lags_over_5ms": 3, "loop_lag_max_ms": 12.0, "loop_lag_over_5ms_total_s": 0.1},
+        {"loop_lags_over_5ms": 2, "loop_lag_max_ms": 30.0, "loop_lag_over_5ms_total_s": 0.2},
+        None,
+    ])
+    assert merged == {"loop_lags_over_5ms": 5, "loop_lag_max_ms": 30.0, "loop_lag_over_5ms_total_s": pytest.approx(0.3)}
+
+
+def test_cpu_per_phase_adds_up_its_windows():
+    from coserve_parts.monitors import ProcessCpu
+
+    cpu = ProcessCpu()
+    cpu.marks = {
+        "zo_start_0": {"t": 0.0, "service": 1.0}, "zo_end_0": {"t": 10.0, "service": 3.0},
+        "zo_start_1": {"t": 30.0, "service": 5.0}, "zo_end_1": {"t": 40.0, "service": 11.0},
+    }
+    assert cpu.view([("zo_start_0", "zo_end_0"), ("zo_start_1", "zo_end_1")]) == {"service": 0.4}  # 8 s in 20 s
+    assert cpu.view([("zo_start_0", "missing")]) == {}
