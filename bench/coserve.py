@@ -22,6 +22,8 @@ Figures (the JSON's last line with --json):
   zo_token_share       ZO scoring tokens / (ZO scoring tokens + user prompt and output tokens), together phase
   fair_share_error     |tokens of the weight-2 job / tokens of both jobs - 2/3|, worst of the zo and together
                        phases (target <= 0.10)
+  user_ttft_p99_ratio_median_of_rounds   diagnostic: the median over rounds of round k's together p99 TTFT /
+                       its users-alone p99 (with --rounds > 1; a slow stretch of the machine then moves one round)
 
     .venv/bin/python bench/coserve.py --json
 """
@@ -88,6 +90,9 @@ def print_summary(result: dict) -> None:
         print(f"{key:20s} {_fmt(result[key])}{note}")
     print(f"diagnostic: TTFT p99 ratio over requests the load generator sent on time (<= {SENT_LATE_S * 1000:.0f} ms late): "
           f"{_fmt(result['user_ttft_p99_ratio_sent_on_time'])}")
+    if len(result["user_ttft_p99_ratio_by_round"]) > 1:
+        print(f"diagnostic: TTFT p99 ratio per round {', '.join(_fmt(r) for r in result['user_ttft_p99_ratio_by_round'])}; "
+              f"median {_fmt(result['user_ttft_p99_ratio_median_of_rounds'])}")
     for name in ("users", "together"):
         stages = result["phases"][name]["users"].get("ttft_stages") or {}
         for key in ("mean_ms", "slowest_1pct_mean_ms"):
@@ -194,10 +199,11 @@ def main() -> None:
         help="do not trace the engine's steps (by default every step is traced and summarised per phase)",
     )
     parser.add_argument(
-        "--rounds", type=_positive_int, default=1,
+        "--rounds", type=_positive_int, default=4,
         help="run the three phases in N rounds of 1/N of the phase length each (users, zo, together, users, ...) "
         "and measure each phase over its N windows: the machine's drift then reaches all three alike. The jobs "
-        "are paused (their steps drained) for each later users window. 1: the phases once each, one after the other",
+        "are paused (their steps drained) for each later users window. 1: the phases once each, one after the "
+        "other (sessions 1-11)",
     )
     parser.add_argument(
         "--resume-settle-s", type=float, default=1.0,
@@ -210,6 +216,7 @@ def main() -> None:
         args.calibrate_s, args.calibrate_warmup_s, args.calibrate_concurrency = 3.0, 1.0, 8
         args.min_phase_s = args.max_phase_s = 6.0
         args.zo_warmup_steps, args.pause_s, args.rolling_window_s = 1, 0.5, 2.0
+        args.rounds = min(args.rounds, 2)
     logging.basicConfig(level=logging.WARNING)
     result, raw = asyncio.run(asyncio.wait_for(run(args), 3600))
     gc.collect()  # finalise the shut-down engine now, not during interpreter teardown (noisy there)

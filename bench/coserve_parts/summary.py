@@ -75,6 +75,17 @@ def zo_summary(steps_by_job: dict[str, tuple[float, list[dict]]], windows: Windo
     }
 
 
+def ttft_p99_ratio_by_round(samples: list[UserSample], users: Windows, together: Windows) -> list[float | None]:
+    """Round k's together p99 TTFT / its users-alone p99: a ratio of two windows minutes apart at most, so a
+    slow stretch of the machine that lands in one window moves one round's ratio, not every round's."""
+    ratios = []
+    for (u0, u1), (t0, t1) in zip(users, together):
+        alone = [s.ttft_s for s in samples if s.phase == "users" and s.error is None and u0 <= s.scheduled_s < u1]
+        with_zo = [s.ttft_s for s in samples if s.phase == "together" and s.error is None and t0 <= s.scheduled_s < t1]
+        ratios.append(_ratio(_pct(with_zo, 99), _pct(alone, 99)))
+    return ratios
+
+
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -102,8 +113,13 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
     )
     all_tokens = zo_together["num_tokens"] + user_tokens
     fair_errors = [e for e in (zo_alone["fair_share_error"], zo_together["fair_share_error"]) if e is not None]
+    by_round = ttft_p99_ratio_by_round(raw.samples, raw.phases["users"], raw.phases["together"])
+    known = [r for r in by_round if r is not None]
     figures = {
         "user_ttft_p99_ratio": _ratio(together["ttft_p99_ms"], users["ttft_p99_ms"]),
+        # Diagnostic (--rounds > 1): the median over rounds of each round's together / alone p99.
+        "user_ttft_p99_ratio_median_of_rounds": float(np.median(known)) if known else None,
+        "user_ttft_p99_ratio_by_round": by_round,
         "user_ttft_p99_ratio_sent_on_time": _ratio(together["ttft_p99_ms_sent_on_time"], users["ttft_p99_ms_sent_on_time"]),
         "user_e2e_p99_ratio": _ratio(together["e2e_p99_ms"], users["e2e_p99_ms"]),
         "zo_steps_ratio": _ratio(zo_together["steps_per_s"], zo_alone["steps_per_s"]),

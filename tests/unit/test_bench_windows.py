@@ -59,3 +59,19 @@ def test_cpu_per_phase_adds_up_its_windows():
     }
     assert cpu.view([("zo_start_0", "zo_end_0"), ("zo_start_1", "zo_end_1")]) == {"service": 0.4}  # 8 s in 20 s
     assert cpu.view([("zo_start_0", "missing")]) == {}
+
+
+def test_per_round_ttft_ratios_pair_each_round_with_its_own_users_window():
+    from coserve_parts.load import UserSample
+    from coserve_parts.summary import ttft_p99_ratio_by_round
+
+    def sample(phase: str, at: float, ttft: float) -> UserSample:
+        return UserSample(phase, at, at, at + ttft, at + ttft + 0.1, 20, 16, None, None)
+
+    users = Windows.of(0.0, 10.0).add(30.0, 40.0)
+    together = Windows.of(20.0, 30.0).add(50.0, 60.0)
+    samples = [sample("users", 1.0 + i * 0.05, 0.010) for i in range(100)]  # round 1 alone: 10 ms
+    samples += [sample("users", 31.0 + i * 0.05, 0.040) for i in range(100)]  # round 2 alone: a slow stretch, 40 ms
+    samples += [sample("together", 21.0 + i * 0.05, 0.020) for i in range(100)]
+    samples += [sample("together", 51.0 + i * 0.05, 0.020) for i in range(100)]
+    assert ttft_p99_ratio_by_round(samples, users, together) == pytest.approx([2.0, 0.5])
