@@ -206,8 +206,10 @@ def main() -> None:
         "other (sessions 1-11)",
     )
     parser.add_argument(
-        "--resume-settle-s", type=float, default=1.0,
-        help="with --rounds: seconds between resuming the jobs and opening the zo window (steps in flight again)",
+        "--resume-settle-s", type=float, default=3.0,
+        help="with --rounds: seconds between resuming the jobs and opening the zo window. Longer than the 2 s for "
+        "which the step gate and the co-scheduler still count users as present after the last one (at 1 s the "
+        "first second of each zo window still ran with the gate closed and the budget at its floor)",
     )
     parser.add_argument("--smoke", action="store_true", help="seconds-long phases: checks the wiring, measures nothing")
     parser.add_argument("--json", action="store_true")
