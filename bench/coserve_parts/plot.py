@@ -30,8 +30,11 @@ def plot(path: Path, origin: float, phases: dict[str, Windows], samples: list[Us
     ax_user.scatter(xs, ys, s=3, color="0.6", alpha=0.5, label="TTFT (each request)")
     grid = np.arange(0.0, max(windows.end for windows in phases.values()) - origin, 1.0)
     p50, p99 = [], []
+    user_windows = [(t0 - origin, t1 - origin) for name in ("users", "together") if name in phases for t0, t1 in phases[name]]
     for t in grid:
-        inside = ys[(xs > t - window_s) & (xs <= t)]
+        # Within the user window that holds t only: a window's first seconds do not average in the phase before.
+        start = next((t0 for t0, t1 in user_windows if t0 <= t < t1), None)
+        inside = ys[(xs > max(t - window_s, start)) & (xs <= t)] if start is not None else ys[:0]
         p50.append(np.percentile(inside, 50) if len(inside) >= 10 else np.nan)
         p99.append(np.percentile(inside, 99) if len(inside) >= 10 else np.nan)
     ax_user.plot(grid, p50, color="tab:blue", label=f"rolling p50 ({window_s:.0f} s)")
