@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import httpx
 
 from coserve_parts.monitors import StallMonitor
-from coserve_parts.windows import Windows
 from coserve_parts.summary import _pct
 
 USER_ADAPTERS = ("users-a", "users-b", "users-c")
@@ -151,7 +150,7 @@ async def open_loop(client, phase: str, prompts: list[str], offsets: list[float]
         stop.set()
         await watching
         gc.enable()
-    return start, samples, monitor.view(Windows.of(float("-inf"), float("inf")))
+    return start, samples, monitor.view()
 
 
 async def _send_open_loop(client, phase: str, prompts: list[str], offsets: list[float], args) -> tuple[float, list[UserSample]]:

@@ -94,65 +94,48 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         sampler = asyncio.create_task(sample_runtime(service.runtime, runtime_rows, stop_sampling, 0.25))
         stall_task = asyncio.create_task(stalls.run(stop_sampling))
         phases: dict[str, Windows] = {}
-        cpu_spans: dict[str, list[tuple[str, str]]] = {}
         client_stats: dict[str, list[dict]] = {}
         samples: list[UserSample] = []
         job_ids: dict[str, str] = {}
         stages = StageRecorder(service.app.state.metrics)
         block_s = duration / args.rounds
 
-        def add_window(name: str, start: float) -> None:
-            end = start + block_s
-            phases[name] = phases[name].add(start, end) if name in phases else Windows.of(start, end)
+        async def window(name: str, measured) -> None:
+            """One window of phase `name`: `measured()` runs it and returns its wall start."""
+            cpu.begin(name)
+            start = await measured()
+            cpu.end(name)
+            phases[name] = phases[name].add(start, start + block_s) if name in phases else Windows.of(start, start + block_s)
 
-        async def user_block(name: str, round_index: int) -> None:
+        async def users(name: str, round_index: int) -> float:
             """This round's share of the arrival sequence (the same in both user phases), from the load generator."""
             lo, hi = round_index * block_s, (round_index + 1) * block_s
-            block = [o - lo for o in offsets if lo <= o < hi]
-            first = sum(1 for o in offsets if o < lo)
-            rotated = prompts[first % len(prompts):] + prompts[: first % len(prompts)]
-            cpu.mark(f"{name}_start_{round_index}")
-            t0, got, stats = await load.open_loop(name, rotated, block)
-            cpu.mark(f"{name}_end_{round_index}")
-            cpu_spans.setdefault(name, []).append((f"{name}_start_{round_index}", f"{name}_end_{round_index}"))
+            first = sum(1 for o in offsets if o < lo) % len(prompts)
+            t0, got, stats = await load.open_loop(name, prompts[first:] + prompts[:first], [o - lo for o in offsets if lo <= o < hi])
             client_stats.setdefault(name, []).append(stats)
-            add_window(name, t0)
             samples.extend(got)
+            return t0
 
-        async def zo_block(round_index: int) -> None:
+        async def zo_alone() -> float:
             t0 = time.time()
-            cpu.mark(f"zo_start_{round_index}")
             await asyncio.sleep(block_s)
-            cpu.mark(f"zo_end_{round_index}")
-            cpu_spans.setdefault("zo", []).append((f"zo_start_{round_index}", f"zo_end_{round_index}"))
-            add_window("zo", t0)
+            return t0
 
         try:
             for round_index in range(args.rounds):
                 if round_index:
                     await pause_jobs(client, service, job_ids.values())
                 print(f"phase users: users alone{_round(round_index, args.rounds)} ...", flush=True)
-                await user_block("users", round_index)
+                await window("users", lambda: users("users", round_index))
                 if round_index == 0:
-                    if args.target_ttft_ms is None and args.target_from_users is not None:
-                        t0 = phases["users"].start
-                        alone = [r["server_ttft_p95_ms"] for r in runtime_rows if t0 <= r["t"] and r["server_ttft_p95_ms"]]
-                        target_ms = args.target_from_users * float(np.median(alone))
-                        service.runtime.coscheduler.set_target_ttft_ms(target_ms)
-                        args.target_ttft_ms = target_ms
-                        print(f"co-scheduler target: {target_ms:.0f} ms p95 TTFT ({args.target_from_users} x users-alone median p95)")
-                    for adapter, weight in JOBS:
-                        body = job_body(adapter, weight, 1_000_000, args.zo_batch_size, args.zo_q, train_rows, args.zo_options)
-                        job_ids[adapter] = await create_job(client, body)
-                    for job_id in job_ids.values():
-                        await wait_job(client, job_id, lambda j: j["status"] == "running" and j["step"] >= args.zo_warmup_steps, 600)
+                    _set_target_from_users(args, service, runtime_rows, phases["users"].start)
+                    await _start_jobs(client, args, train_rows, job_ids)
                 else:
                     await resume_jobs(client, job_ids.values(), args.resume_settle_s)
-
                 print(f"phase zo: the two jobs alone{_round(round_index, args.rounds)} ...", flush=True)
-                await zo_block(round_index)
+                await window("zo", zo_alone)
                 print(f"phase together: users and the two jobs{_round(round_index, args.rounds)} ...", flush=True)
-                await user_block("together", round_index)
+                await window("together", lambda: users("together", round_index))
 
             steps_by_job, job_states = {}, {}
             for adapter, weight in JOBS:
@@ -174,7 +157,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
     return Raw(
         calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy, stalls,
         {phase: merge_counts(views) for phase, views in client_stats.items()},
-        {phase: cpu.view(cpu_spans[phase]) for phase in ("users", "zo", "together")},
+        {phase: cpu.view(phase) for phase in ("users", "zo", "together")},
         {phase: stages.view(phases[phase]) for phase in ("users", "together")},
         {phase: _paths(samples, stages, phase, phases[phase]) for phase in ("users", "together")},
     )
@@ -183,6 +166,27 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
 def _paths(samples: list[UserSample], stages: StageRecorder, phase: str, windows: Windows) -> dict:
     of_phase = [s for s in samples if s.phase == phase and s.first_text_s is not None]
     return summarise_paths(join_paths(of_phase, stages.records, windows), len(of_phase))
+
+
+def _set_target_from_users(args, service: Service, runtime_rows: list[dict], since: float) -> None:
+    """Without --target-ttft-ms: the co-scheduler's target from the first users-alone window."""
+    if args.target_ttft_ms is not None or args.target_from_users is None:
+        return
+    alone = [r["server_ttft_p95_ms"] for r in runtime_rows if since <= r["t"] and r["server_ttft_p95_ms"]]
+    target_ms = args.target_from_users * float(np.median(alone))
+    service.runtime.coscheduler.set_target_ttft_ms(target_ms)
+    args.target_ttft_ms = target_ms
+    print(f"co-scheduler target: {target_ms:.0f} ms p95 TTFT ({args.target_from_users} x users-alone median p95)")
+
+
+async def _start_jobs(client, args, train_rows: list[dict], job_ids: dict[str, str]) -> None:
+    """The two weighted jobs, each running past its warm-up steps; `job_ids` (adapter -> job id) fills as each
+    is created, so the caller cancels whatever was created if a later one fails."""
+    for adapter, weight in JOBS:
+        body = job_body(adapter, weight, 1_000_000, args.zo_batch_size, args.zo_q, train_rows, args.zo_options)
+        job_ids[adapter] = await create_job(client, body)
+    for job_id in job_ids.values():
+        await wait_job(client, job_id, lambda j: j["status"] == "running" and j["step"] >= args.zo_warmup_steps, 600)
 
 
 def _round(index: int, rounds: int) -> str:

@@ -65,9 +65,10 @@ class StallMonitor:
         finally:
             gc.callbacks.remove(self._on_gc)
 
-    def view(self, windows: Windows) -> dict:
-        lags = sorted(ms for t, ms in self.loop_lags if t in windows)
-        pauses = [(g, ms) for t, g, ms in self.gc_pauses if t in windows]
+    def view(self, windows: Windows | None = None) -> dict:
+        """Lags and GC pauses inside the windows (None: all of them)."""
+        lags = sorted(ms for t, ms in self.loop_lags if windows is None or t in windows)
+        pauses = [(g, ms) for t, g, ms in self.gc_pauses if windows is None or t in windows]
         gen2 = [ms for g, ms in pauses if g == 2]
         return {
             "loop_lags_over_5ms": len(lags),
@@ -83,10 +84,12 @@ class StallMonitor:
 
 class ProcessCpu:
     """CPU seconds per process of this run (the service with its AsyncLLM front end here, vLLM's engine-core and
-    worker processes, the load generator) at phase boundaries: which process takes the cores in which phase."""
+    worker processes, the load generator) at the start and end of each of a phase's windows: which process takes
+    the cores in which phase."""
 
     def __init__(self) -> None:
-        self.marks: dict[str, dict[str, float]] = {}
+        self.spans: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {}  # phase -> (start, end) readings
+        self._open: dict[str, dict[str, float]] = {}
 
     def _names(self) -> dict[str, float]:
         totals: dict[str, float] = {}
@@ -101,16 +104,19 @@ class ProcessCpu:
                 continue
         return totals
 
-    def mark(self, label: str) -> None:
-        self.marks[label] = {"t": time.time(), **self._names()}
+    def _reading(self) -> dict[str, float]:
+        return {"t": time.time(), **self._names()}
 
-    def view(self, spans: list[tuple[str, str]]) -> dict[str, float]:
-        """CPU seconds per second of each process over the (start mark, end mark) spans together."""
+    def begin(self, phase: str) -> None:
+        self._open[phase] = self._reading()
+
+    def end(self, phase: str) -> None:
+        self.spans.setdefault(phase, []).append((self._open.pop(phase), self._reading()))
+
+    def view(self, phase: str) -> dict[str, float]:
+        """CPU seconds per second of each process over the phase's windows together."""
         elapsed, used = 0.0, {}
-        for start, end in spans:
-            a, b = self.marks.get(start), self.marks.get(end)
-            if a is None or b is None:
-                return {}
+        for a, b in self.spans.get(phase, ()):
             elapsed += b["t"] - a["t"]
             for k in b:
                 if k != "t":

@@ -78,12 +78,10 @@ def zo_summary(steps_by_job: dict[str, tuple[float, list[dict]]], windows: Windo
 def ttft_p99_ratio_by_round(samples: list[UserSample], users: Windows, together: Windows) -> list[float | None]:
     """Round k's together p99 TTFT / its users-alone p99: a ratio of two windows minutes apart at most, so a
     slow stretch of the machine that lands in one window moves one round's ratio, not every round's."""
-    ratios = []
-    for (u0, u1), (t0, t1) in zip(users, together):
-        alone = [s.ttft_s for s in samples if s.phase == "users" and s.error is None and u0 <= s.scheduled_s < u1]
-        with_zo = [s.ttft_s for s in samples if s.phase == "together" and s.error is None and t0 <= s.scheduled_s < t1]
-        ratios.append(_ratio(_pct(with_zo, 99), _pct(alone, 99)))
-    return ratios
+    def p99(phase: str, start: float, end: float) -> float | None:
+        return _pct([s.ttft_s for s in samples if s.phase == phase and s.error is None and start <= s.scheduled_s < end], 99)
+
+    return [_ratio(p99("together", *with_zo), p99("users", *alone)) for alone, with_zo in zip(users, together)]
 
 
 def _ratio(a, b):

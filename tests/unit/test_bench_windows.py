@@ -53,12 +53,12 @@ def test_cpu_per_phase_adds_up_its_windows():
     from coserve_parts.monitors import ProcessCpu
 
     cpu = ProcessCpu()
-    cpu.marks = {
-        "zo_start_0": {"t": 0.0, "service": 1.0}, "zo_end_0": {"t": 10.0, "service": 3.0},
-        "zo_start_1": {"t": 30.0, "service": 5.0}, "zo_end_1": {"t": 40.0, "service": 11.0},
-    }
-    assert cpu.view([("zo_start_0", "zo_end_0"), ("zo_start_1", "zo_end_1")]) == {"service": 0.4}  # 8 s in 20 s
-    assert cpu.view([("zo_start_0", "missing")]) == {}
+    cpu.spans = {"zo": [
+        ({"t": 0.0, "service": 1.0}, {"t": 10.0, "service": 3.0}),
+        ({"t": 30.0, "service": 5.0}, {"t": 40.0, "service": 11.0}),
+    ]}
+    assert cpu.view("zo") == {"service": 0.4}  # 8 s in 20 s
+    assert cpu.view("missing") == {}
 
 
 def test_per_round_ttft_ratios_pair_each_round_with_its_own_users_window():
