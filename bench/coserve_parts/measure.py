@@ -49,10 +49,11 @@ class Raw:
     engine_healthy: bool
     stalls: StallMonitor
     client_stats: dict[str, dict]  # phase -> the load generator's own event-loop lags, over its windows
-    cpu_by_phase: dict[str, dict[str, float]]  # phase -> process -> CPU seconds per second
+    cpu_by_phase: dict[str, dict[str, float]]  # phase -> process (and host_idle, host_steal) -> CPU seconds per second
     ttft_stages_by_phase: dict[str, dict]  # user phase -> StageRecorder.view (server-side TTFT stages)
     ttft_paths_by_phase: dict[str, dict]  # user phase -> ttft_path.summarise_paths (client and server joined)
     engine_steps: list[StepRecord] = dataclasses.field(default_factory=list)  # the engine step trace, oldest first
+    cpu_by_window: dict[str, list[dict[str, float]]] = dataclasses.field(default_factory=dict)  # cpu_by_phase per window
 
 
 async def prepare_user_adapters(client, prompts: list[str], args) -> None:
@@ -160,6 +161,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
         {phase: cpu.view(phase) for phase in ("users", "zo", "together")},
         {phase: stages.view(phases[phase]) for phase in ("users", "together")},
         {phase: _paths(samples, stages, phase, phases[phase]) for phase in ("users", "together")},
+        cpu_by_window={phase: cpu.view_by_window(phase) for phase in ("users", "zo", "together")},
     )
 
 

@@ -85,7 +85,9 @@ class StallMonitor:
 class ProcessCpu:
     """CPU seconds per process of this run (the service with its AsyncLLM front end here, vLLM's engine-core and
     worker processes, the load generator) at the start and end of each of a phase's windows: which process takes
-    the cores in which phase."""
+    the cores in which phase. Each reading also holds the whole machine's idle time and the time its hypervisor
+    took from it (`host_idle`, `host_steal`; /proc/stat through psutil, 0 where the platform has no such
+    counter): a window that ran slow because the host took the cores shows it as steal."""
 
     def __init__(self) -> None:
         self.spans: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {}  # phase -> (start, end) readings
@@ -102,6 +104,9 @@ class ProcessCpu:
                 totals[name] = totals.get(name, 0.0) + times.user + times.system
             except psutil.Error:
                 continue
+        host = psutil.cpu_times()
+        totals["host_idle"] = host.idle
+        totals["host_steal"] = getattr(host, "steal", 0.0)
         return totals
 
     def _reading(self) -> dict[str, float]:
@@ -114,14 +119,23 @@ class ProcessCpu:
         self.spans.setdefault(phase, []).append((self._open.pop(phase), self._reading()))
 
     def view(self, phase: str) -> dict[str, float]:
-        """CPU seconds per second of each process over the phase's windows together."""
-        elapsed, used = 0.0, {}
-        for a, b in self.spans.get(phase, ()):
-            elapsed += b["t"] - a["t"]
-            for k in b:
-                if k != "t":
-                    used[k] = used.get(k, 0.0) + b[k] - a.get(k, 0.0)
-        return {k: round(v / elapsed, 3) for k, v in used.items()} if elapsed > 0 else {}
+        """CPU seconds per second of each process (and the host's idle and stolen cores) over the phase's
+        windows together."""
+        return _per_second(self.spans.get(phase, ()))
+
+    def view_by_window(self, phase: str) -> list[dict[str, float]]:
+        """`view` of each of the phase's windows on its own, in order (one per round)."""
+        return [_per_second([span]) for span in self.spans.get(phase, ())]
+
+
+def _per_second(spans) -> dict[str, float]:
+    elapsed, used = 0.0, {}
+    for a, b in spans:
+        elapsed += b["t"] - a["t"]
+        for k in b:
+            if k != "t":
+                used[k] = used.get(k, 0.0) + b[k] - a.get(k, 0.0)
+    return {k: round(v / elapsed, 3) for k, v in used.items()} if elapsed > 0 else {}
 
 
 def pin_worker(worker_cpus: set[int], in_engine_core: bool) -> dict[str, list[int]]:

@@ -84,6 +84,22 @@ def ttft_p99_ratio_by_round(samples: list[UserSample], users: Windows, together:
     return [_ratio(p99("together", *with_zo), p99("users", *alone)) for alone, with_zo in zip(users, together)]
 
 
+def zo_steps_ratio_by_round(
+    steps_by_job: dict[str, tuple[float, list[dict]]], zo: Windows, together: Windows
+) -> list[float | None]:
+    """Round k's ZO steps/s together / its ZO-alone steps/s, the windows of one round paired as in
+    `ttft_p99_ratio_by_round`."""
+    def rate(span: tuple[float, float]) -> float:
+        return zo_summary(steps_by_job, Windows.of(*span))["steps_per_s"]
+
+    return [_ratio(rate(with_users), rate(alone)) for alone, with_users in zip(zo, together)]
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else None
+
+
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -112,15 +128,22 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
     all_tokens = zo_together["num_tokens"] + user_tokens
     fair_errors = [e for e in (zo_alone["fair_share_error"], zo_together["fair_share_error"]) if e is not None]
     by_round = ttft_p99_ratio_by_round(raw.samples, raw.phases["users"], raw.phases["together"])
-    known = [r for r in by_round if r is not None]
+    zo_by_round = zo_steps_ratio_by_round(raw.steps_by_job, raw.phases["zo"], raw.phases["together"])
     figures = {
         "user_ttft_p99_ratio": _ratio(together["ttft_p99_ms"], users["ttft_p99_ms"]),
         # Diagnostic (--rounds > 1): the median over rounds of each round's together / alone p99.
-        "user_ttft_p99_ratio_median_of_rounds": float(np.median(known)) if known else None,
+        "user_ttft_p99_ratio_median_of_rounds": _median(by_round),
         "user_ttft_p99_ratio_by_round": by_round,
         "user_ttft_p99_ratio_sent_on_time": _ratio(together["ttft_p99_ms_sent_on_time"], users["ttft_p99_ms_sent_on_time"]),
         "user_e2e_p99_ratio": _ratio(together["e2e_p99_ms"], users["e2e_p99_ms"]),
         "zo_steps_ratio": _ratio(zo_together["steps_per_s"], zo_alone["steps_per_s"]),
+        "zo_steps_ratio_median_of_rounds": _median(zo_by_round),  # diagnostic, as the TTFT one
+        "zo_steps_ratio_by_round": zo_by_round,
+        # Diagnostic: cores the hypervisor took from this machine in each phase's windows (CPU steal); a
+        # round whose users or together window lost cores this way reads slow for that reason.
+        "host_steal_cores_by_round": {
+            phase: [w.get("host_steal") for w in windows] for phase, windows in raw.cpu_by_window.items()
+        },
         "zo_token_share": zo_together["num_tokens"] / all_tokens if all_tokens else None,
         "fair_share_error": max(fair_errors) if fair_errors else None,
     }

@@ -59,6 +59,27 @@ def test_cpu_per_phase_adds_up_its_windows():
     ]}
     assert cpu.view("zo") == {"service": 0.4}  # 8 s in 20 s
     assert cpu.view("missing") == {}
+    assert cpu.view_by_window("zo") == [{"service": 0.2}, {"service": 0.6}]  # one per round, in order
+    assert cpu.view_by_window("missing") == []
+
+
+def test_cpu_readings_carry_the_hosts_idle_and_stolen_time():
+    """A window slowed by the hypervisor taking cores shows as host_steal; both host counters are read with
+    the processes' and turn into cores (seconds per second) like theirs."""
+    from coserve_parts.monitors import ProcessCpu
+
+    cpu = ProcessCpu()
+    cpu.begin("users")
+    cpu.end("users")
+    (start, end), = cpu.spans["users"]
+    for reading in (start, end):
+        assert reading["service"] > 0  # this test process has run
+        assert reading["host_idle"] >= 0 and reading["host_steal"] >= 0
+    assert end["host_idle"] >= start["host_idle"] and end["host_steal"] >= start["host_steal"]
+    cpu.spans["together"] = [
+        ({"t": 0.0, "host_steal": 100.0, "host_idle": 50.0}, {"t": 10.0, "host_steal": 103.0, "host_idle": 51.0}),
+    ]
+    assert cpu.view_by_window("together") == [{"host_steal": 0.3, "host_idle": 0.1}]
 
 
 def test_per_round_ttft_ratios_pair_each_round_with_its_own_users_window():
@@ -75,3 +96,18 @@ def test_per_round_ttft_ratios_pair_each_round_with_its_own_users_window():
     samples += [sample("together", 21.0 + i * 0.05, 0.020) for i in range(100)]
     samples += [sample("together", 51.0 + i * 0.05, 0.020) for i in range(100)]
     assert ttft_p99_ratio_by_round(samples, users, together) == pytest.approx([2.0, 0.5])
+
+
+def test_per_round_zo_ratios_pair_each_together_window_with_its_own_zo_window():
+    from coserve_parts.summary import zo_steps_ratio_by_round
+
+    zo = Windows.of(10.0, 20.0).add(40.0, 50.0)
+    together = Windows.of(20.0, 30.0).add(50.0, 60.0)
+
+    def steps(start: float, count: int) -> list[dict]:
+        return [{"time": start + i * 10.0 / count, "num_tokens": 10, "duration_s": 0.1} for i in range(count)]
+
+    light = steps(10.0, 20) + steps(20.0, 10) + steps(40.0, 10) + steps(50.0, 10)  # round 2 alone ran slow
+    heavy = steps(10.0, 40) + steps(20.0, 20) + steps(40.0, 20) + steps(50.0, 20) + steps(31.0, 8)  # 31-39: between rounds
+    by_round = zo_steps_ratio_by_round({"light": (1.0, light), "heavy": (2.0, heavy)}, zo, together)
+    assert by_round == pytest.approx([0.5, 1.0])
