@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 TARGETS = {"user_ttft_p99_ratio": ("<=", 1.25), "zo_steps_ratio": (">=", 0.5), "fair_share_error": ("<=", 0.10)}
 PAPER_TTFT_P99_INCREASE = "+215% to +695%"  # the seed paper's serving variant, throughput kept
 SENT_LATE_S = 0.020  # a request the load generator sent more than this after its scheduled arrival
+QUIET_STEAL_CORES = 0.05  # a round is quiet when none of its three windows lost more to the hypervisor
 
 
 def _pct(values_s, q: float) -> float | None:
@@ -95,6 +96,42 @@ def zo_steps_ratio_by_round(
     return [_ratio(rate(with_users), rate(alone)) for alone, with_users in zip(zo, together)]
 
 
+def quiet_rounds(cpu_by_window: dict[str, list[dict[str, float]]], limit: float = QUIET_STEAL_CORES) -> list[int]:
+    """The rounds in which the hypervisor took at most `limit` cores from each of the users, zo and together
+    windows (host CPU steal; a round without a steal reading counts as not quiet)."""
+    phases = [cpu_by_window.get(p, []) for p in ("users", "zo", "together")]
+    rounds = min((len(w) for w in phases), default=0)
+    return [
+        k for k in range(rounds)
+        if all(w[k].get("host_steal") is not None and w[k]["host_steal"] <= limit for w in phases)
+    ]
+
+
+def quiet_round_figures(raw: Raw) -> dict:
+    """Diagnostic: the two ratios over the quiet rounds' windows only (p99 over their pooled requests, steps/s
+    over their pooled windows), to tell the service's figures from a host that took cores away."""
+    rounds = quiet_rounds(raw.cpu_by_window)
+    if not rounds:
+        return {"quiet_rounds": [], "user_ttft_p99_ratio_quiet_rounds": None, "zo_steps_ratio_quiet_rounds": None}
+
+    def pooled(phase: str) -> Windows:
+        spans = list(raw.phases[phase])
+        return Windows(tuple(spans[k] for k in rounds))
+
+    def p99(phase: str) -> float | None:
+        windows = pooled(phase)
+        return _pct([s.ttft_s for s in raw.samples if s.phase == phase and s.error is None and s.scheduled_s in windows], 99)
+
+    def zo_rate(phase: str) -> float:
+        return zo_summary(raw.steps_by_job, pooled(phase))["steps_per_s"]
+
+    return {
+        "quiet_rounds": rounds,
+        "user_ttft_p99_ratio_quiet_rounds": _ratio(p99("together"), p99("users")),
+        "zo_steps_ratio_quiet_rounds": _ratio(zo_rate("together"), zo_rate("zo")),
+    }
+
+
 def _median(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return float(np.median(known)) if known else None
@@ -144,6 +181,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
         "host_steal_cores_by_round": {
             phase: [w.get("host_steal") for w in windows] for phase, windows in raw.cpu_by_window.items()
         },
+        **quiet_round_figures(raw),
         "zo_token_share": zo_together["num_tokens"] / all_tokens if all_tokens else None,
         "fair_share_error": max(fair_errors) if fair_errors else None,
     }
@@ -209,6 +247,8 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             },
         },
     }
+    for name, by_window in raw.cpu_by_window.items():
+        result["phases"][name]["cpu_by_round"] = by_window  # each window's own CPU and host steal, in order
     if raw.engine_steps:
         for name, windows in raw.phases.items():
             result["phases"][name]["engine_steps"] = summarise_steps(raw.engine_steps, windows)

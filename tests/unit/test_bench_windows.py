@@ -111,3 +111,48 @@ def test_per_round_zo_ratios_pair_each_together_window_with_its_own_zo_window():
     heavy = steps(10.0, 40) + steps(20.0, 20) + steps(40.0, 20) + steps(50.0, 20) + steps(31.0, 8)  # 31-39: between rounds
     by_round = zo_steps_ratio_by_round({"light": (1.0, light), "heavy": (2.0, heavy)}, zo, together)
     assert by_round == pytest.approx([0.5, 1.0])
+
+
+def test_quiet_rounds_are_those_no_window_of_which_lost_cores_to_the_hypervisor():
+    from coserve_parts.summary import quiet_rounds
+
+    cpu = {
+        "users": [{"host_steal": 0.0}, {"host_steal": 0.01}, {"host_steal": 0.0}, {"host_steal": 0.0}],
+        "zo": [{"host_steal": 0.02}, {"host_steal": 0.0}, {"host_steal": 0.0}, {}],  # round 4: no reading
+        "together": [{"host_steal": 0.05}, {"host_steal": 0.35}, {"host_steal": 0.0}, {"host_steal": 0.0}],
+    }
+    assert quiet_rounds(cpu) == [0, 2]
+    assert quiet_rounds(cpu, limit=0.0) == [2]
+    assert quiet_rounds({}) == []
+
+
+def test_quiet_round_figures_leave_out_the_rounds_a_stolen_core_slowed():
+    from types import SimpleNamespace
+
+    from coserve_parts.load import UserSample
+    from coserve_parts.summary import quiet_round_figures
+
+    def sample(phase: str, at: float, ttft: float) -> UserSample:
+        return UserSample(phase, at, at, at + ttft, at + ttft + 0.1, 20, 16, None, None)
+
+    def steps(start: float, count: int) -> list[dict]:
+        return [{"time": start + i * 10.0 / count, "num_tokens": 10, "duration_s": 0.1} for i in range(count)]
+
+    phases = {
+        "users": Windows.of(0.0, 10.0).add(30.0, 40.0),
+        "zo": Windows.of(10.0, 20.0).add(40.0, 50.0),
+        "together": Windows.of(20.0, 30.0).add(50.0, 60.0),
+    }
+    samples = [sample("users", 1.0 + i * 0.05, 0.010) for i in range(100)]
+    samples += [sample("together", 21.0 + i * 0.05, 0.012) for i in range(100)]
+    samples += [sample("users", 31.0 + i * 0.05, 0.010) for i in range(100)]
+    samples += [sample("together", 51.0 + i * 0.05, 0.080) for i in range(100)]  # round 2: cores stolen
+    job = steps(10.0, 40) + steps(20.0, 20) + steps(40.0, 40) + steps(50.0, 4)
+    cpu = {phase: [{"host_steal": 0.0}, {"host_steal": 0.3 if phase == "together" else 0.0}] for phase in phases}
+    raw = SimpleNamespace(phases=phases, samples=samples, steps_by_job={"job": (1.0, job)}, cpu_by_window=cpu)
+    figures = quiet_round_figures(raw)
+    assert figures["quiet_rounds"] == [0]
+    assert figures["user_ttft_p99_ratio_quiet_rounds"] == pytest.approx(1.2)
+    assert figures["zo_steps_ratio_quiet_rounds"] == pytest.approx(0.5)
+    raw.cpu_by_window = {}
+    assert quiet_round_figures(raw)["user_ttft_p99_ratio_quiet_rounds"] is None
