@@ -129,6 +129,7 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.coscheduler.stop()
+        await asyncio.to_thread(self.journal.flush)  # a restart resumes from the last progress saved
 
     def _launch(self, run: JobRun) -> None:
         run.task = asyncio.create_task(run_job(self, run), name=f"zo-job-{run.id}")
