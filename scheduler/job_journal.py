@@ -9,7 +9,9 @@ its own: `save_progress` only records the job's latest progress and returns; one
 job's latest in the order the saves came (a save made while an older one waits replaces it). On the loop, each
 write (create, write, rename) held up every user request for ~1 ms, up to 6 ms while other threads fsync
 (snapshot blobs, SQLite commits; measured in session 13, `results/coserve.md`), 10-17 times a second with two
-jobs running. `flush()` waits until every save made before it is on disk.
+jobs running. A status change (paused, cancelled, failed, ...) still waits until it is written, as before,
+so that a crash right after the API answered cannot resurrect the job. `flush()` waits until every save made
+before it is on disk.
 """
 
 from __future__ import annotations
@@ -130,13 +132,16 @@ class JobJournal:
     def save_spec(self, job_id: str, spec: JobSpec) -> None:
         _write_atomic(self.root / f"{job_id}.spec.json", spec_to_json(spec))
 
-    def save_progress(self, job_id: str, progress: JobProgress) -> None:
-        """Record `progress` as the job's latest; the writer thread puts it on disk (never blocks the caller)."""
+    def save_progress(self, job_id: str, progress: JobProgress, *, wait: bool = False) -> None:
+        """Record `progress` as the job's latest; the writer thread puts it on disk. `wait`: return only once it
+        is there (a status change the caller has to be able to rely on after a crash); otherwise never block."""
         with self._lock:
             queued = job_id in self._unwritten
             self._unwritten[job_id] = progress
         if not queued:
             self._writer.submit(self._write_progress, job_id)
+        if wait:
+            self.flush()
 
     def _write_progress(self, job_id: str) -> None:
         with self._lock:

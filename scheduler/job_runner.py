@@ -64,12 +64,13 @@ class JobRun:
         self.status = status
         self.event("status", message or status.value)
         runtime.observer.on_job_status(self.id, self.spec.adapter, status)
-        self.save_progress(runtime)
+        self.save_progress(runtime, wait=True)
 
-    def save_progress(self, runtime: Runtime) -> None:
+    def save_progress(self, runtime: Runtime, *, wait: bool = False) -> None:
         runtime.journal.save_progress(
             self.id,
             JobProgress(self.status, self.start_version or 0, self.step, self.last_loss, self.error, self.created_at),
+            wait=wait,
         )
 
     def view(self, version: int) -> JobView:

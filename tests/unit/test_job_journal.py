@@ -70,3 +70,21 @@ def test_a_failed_write_is_logged_and_later_saves_still_work(tmp_path, monkeypat
     journal.flush()
     assert "could not write the progress of job job-a" in caplog.text
     assert _on_disk(journal, "job-a")["step"] == 2
+
+
+def test_a_save_that_waits_is_on_disk_when_it_returns(tmp_path, monkeypatch):
+    """A status change waits for its write (and those queued before it), however slow the disk."""
+    real_write = job_journal._write_atomic
+    release = threading.Event()
+
+    def slow_write(path, payload):
+        assert release.wait(10.0), "the test never released the write"
+        real_write(path, payload)
+
+    monkeypatch.setattr(job_journal, "_write_atomic", slow_write)
+    journal = JobJournal(tmp_path)
+    journal.save_progress("job-a", _progress(4))
+    threading.Timer(0.2, release.set).start()  # the disk comes back only after save_progress was called
+    journal.save_progress("job-a", _progress(5, JobStatus.CANCELLED), wait=True)  # no flush() needed
+    on_disk = _on_disk(journal, "job-a")
+    assert (on_disk["step"], on_disk["status"]) == (5, "cancelled")
