@@ -173,8 +173,10 @@ def test_an_engine_steps_second_reply_is_not_left_to_the_poll_slice(tmp_path):
     ours, vllms = _run_probe("0", str(script), str(NOTIFY_HWM)), _run_probe("0", str(script), "1")
     # With vLLM's high-water mark of 1 the notification of a reply sent within ~1 ms of the previous one is
     # dropped: the `sample_tokens` reply of (nearly) every step waits for the reader's next look at the ring
-    # (50 ms here, 1 ms in the service). Counts: replies more than half a slice late, of 30 each.
-    assert vllms["sample"] >= 20, vllms
+    # (50 ms here, 1 ms in the service). Counts: replies more than half a slice late, of 30 each. How many
+    # vLLM's mark drops depends on the machine: a slow one spaces the two replies past ~1 ms (14 of 30 were
+    # seen in a CI run on a host losing cores to steal, 20+ on a quiet one).
+    assert vllms["sample"] >= 10, vllms
     assert ours["sample"] <= 2 and ours["execute"] <= 2, ours  # a loaded machine may delay one or two
 
 
