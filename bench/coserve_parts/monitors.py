@@ -197,6 +197,17 @@ class StageRecorder:
         }
 
 
+def steal_peak_cores(rows: list[dict], windows: Windows) -> float | None:
+    """The most cores the hypervisor took between two consecutive runtime samples (~0.25 s apart) inside the
+    windows: a burst that a window's average steal hides."""
+    peak = None
+    for a, b in zip(rows, rows[1:]):
+        if a["t"] in windows and b["t"] in windows and b["t"] > a["t"] and a.get("host_steal_s") is not None:
+            rate = (b["host_steal_s"] - a["host_steal_s"]) / (b["t"] - a["t"])
+            peak = rate if peak is None else max(peak, rate)
+    return None if peak is None else round(peak, 3)
+
+
 async def sample_runtime(runtime, rows: list[dict], stop: asyncio.Event, interval_s: float) -> None:
     """The co-scheduler's view over time (budget, its own p95 TTFT, queues), for the plot and the reading."""
     while not stop.is_set():
@@ -213,6 +224,7 @@ async def sample_runtime(runtime, rows: list[dict], stop: asyncio.Event, interva
             "probe_tokens_in_flight": runtime.coscheduler.snapshot().num_probe_tokens_in_flight,  # live, not the last round
             "budget_reason": record.budget_reason if record else None,
             "probe_cap_tokens": cap.cap_tokens if (cap := runtime.coscheduler.probe_cap) is not None else None,
+            "host_steal_s": getattr(psutil.cpu_times(), "steal", 0.0),  # the machine's stolen CPU so far
         })
         try:
             await asyncio.wait_for(stop.wait(), interval_s)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from coserve_parts.monitors import steal_peak_cores
 from coserve_parts.steps import summarise_steps
 from coserve_parts.windows import Windows
 
@@ -203,6 +204,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             "probe_tokens_in_flight_median": median("probe_tokens_in_flight"),
             "server_ttft_p95_ms_median": median("server_ttft_p95_ms"),
             "probe_cap_tokens_median": median("probe_cap_tokens"),  # the per-step cap next to users
+            "host_steal_peak_cores": steal_peak_cores(raw.runtime_rows, windows),
             "budget_reason_samples": reasons,
         }
 

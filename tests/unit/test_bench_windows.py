@@ -156,3 +156,15 @@ def test_quiet_round_figures_leave_out_the_rounds_a_stolen_core_slowed():
     assert figures["zo_steps_ratio_quiet_rounds"] == pytest.approx(0.5)
     raw.cpu_by_window = {}
     assert quiet_round_figures(raw)["user_ttft_p99_ratio_quiet_rounds"] is None
+
+
+def test_the_steal_peak_finds_a_burst_that_the_windows_average_hides():
+    from coserve_parts.monitors import steal_peak_cores
+
+    rows = [{"t": 10.0 + 0.25 * i, "host_steal_s": 0.0} for i in range(40)]  # 10-20 s, nothing stolen ...
+    for row in rows[21:]:
+        row["host_steal_s"] = 0.2  # ... but for 0.2 s of one core between 15.0 and 15.25 s
+    assert steal_peak_cores(rows, Windows.of(10.0, 20.0)) == pytest.approx(0.8)
+    assert steal_peak_cores(rows, Windows.of(10.0, 15.0)) == 0.0  # the burst falls after this window
+    assert steal_peak_cores(rows, Windows.of(30.0, 40.0)) is None
+    assert steal_peak_cores([{"t": 11.0}, {"t": 11.25}], Windows.of(10.0, 20.0)) is None  # rows from before the field
