@@ -174,10 +174,11 @@ def test_an_engine_steps_second_reply_is_not_left_to_the_poll_slice(tmp_path):
     # With vLLM's high-water mark of 1 the notification of a reply sent within ~1 ms of the previous one is
     # dropped: the `sample_tokens` reply of (nearly) every step waits for the reader's next look at the ring
     # (50 ms here, 1 ms in the service). Counts: replies more than half a slice late, of 30 each. How many
-    # vLLM's mark drops depends on the machine: a slow one spaces the two replies past ~1 ms (14 of 30 were
-    # seen in a CI run on a host losing cores to steal, 20+ on a quiet one).
-    assert vllms["sample"] >= 10, vllms
+    # vLLM's mark drops depends on the machine: a slow one spaces the two replies past ~1 ms, where nothing is
+    # dropped (20+ of 30 on a quiet host; 14 and 4 in CI runs on a host losing most of a core to steal). So
+    # the control only has to show the loss at all, and more of it than ours.
     assert ours["sample"] <= 2 and ours["execute"] <= 2, ours  # a loaded machine may delay one or two
+    assert vllms["sample"] >= 3 and vllms["sample"] > ours["sample"], (vllms, ours)
 
 
 def test_override_is_read_from_the_environment(monkeypatch):
