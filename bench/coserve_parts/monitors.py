@@ -82,6 +82,13 @@ class StallMonitor:
         }
 
 
+def host_cpu() -> dict[str, float]:
+    """The whole machine's idle CPU seconds so far and those its hypervisor took (steal; 0 where the platform
+    has no such counter)."""
+    host = psutil.cpu_times()
+    return {"host_idle": host.idle, "host_steal": getattr(host, "steal", 0.0)}
+
+
 class ProcessCpu:
     """CPU seconds per process of this run (the service with its AsyncLLM front end here, vLLM's engine-core and
     worker processes, the load generator) at the start and end of each of a phase's windows: which process takes
@@ -104,10 +111,7 @@ class ProcessCpu:
                 totals[name] = totals.get(name, 0.0) + times.user + times.system
             except psutil.Error:
                 continue
-        host = psutil.cpu_times()
-        totals["host_idle"] = host.idle
-        totals["host_steal"] = getattr(host, "steal", 0.0)
-        return totals
+        return {**totals, **host_cpu()}
 
     def _reading(self) -> dict[str, float]:
         return {"t": time.time(), **self._names()}
@@ -224,7 +228,7 @@ async def sample_runtime(runtime, rows: list[dict], stop: asyncio.Event, interva
             "probe_tokens_in_flight": runtime.coscheduler.snapshot().num_probe_tokens_in_flight,  # live, not the last round
             "budget_reason": record.budget_reason if record else None,
             "probe_cap_tokens": cap.cap_tokens if (cap := runtime.coscheduler.probe_cap) is not None else None,
-            "host_steal_s": getattr(psutil.cpu_times(), "steal", 0.0),  # the machine's stolen CPU so far
+            "host_steal_s": host_cpu()["host_steal"],  # the machine's stolen CPU so far
         })
         try:
             await asyncio.wait_for(stop.wait(), interval_s)

@@ -77,13 +77,21 @@ def zo_summary(steps_by_job: dict[str, tuple[float, list[dict]]], windows: Windo
     }
 
 
+def _ttft_p99_ms(samples: list[UserSample], phase: str, windows: Windows) -> float | None:
+    return _pct([s.ttft_s for s in samples if s.phase == phase and s.error is None and s.scheduled_s in windows], 99)
+
+
+def _zo_steps_per_s(steps_by_job: dict[str, tuple[float, list[dict]]], windows: Windows) -> float:
+    return zo_summary(steps_by_job, windows)["steps_per_s"]
+
+
 def ttft_p99_ratio_by_round(samples: list[UserSample], users: Windows, together: Windows) -> list[float | None]:
     """Round k's together p99 TTFT / its users-alone p99: a ratio of two windows minutes apart at most, so a
     slow stretch of the machine that lands in one window moves one round's ratio, not every round's."""
-    def p99(phase: str, start: float, end: float) -> float | None:
-        return _pct([s.ttft_s for s in samples if s.phase == phase and s.error is None and start <= s.scheduled_s < end], 99)
-
-    return [_ratio(p99("together", *with_zo), p99("users", *alone)) for alone, with_zo in zip(users, together)]
+    return [
+        _ratio(_ttft_p99_ms(samples, "together", Windows.of(*with_zo)), _ttft_p99_ms(samples, "users", Windows.of(*alone)))
+        for alone, with_zo in zip(users, together)
+    ]
 
 
 def zo_steps_ratio_by_round(
@@ -91,10 +99,10 @@ def zo_steps_ratio_by_round(
 ) -> list[float | None]:
     """Round k's ZO steps/s together / its ZO-alone steps/s, the windows of one round paired as in
     `ttft_p99_ratio_by_round`."""
-    def rate(span: tuple[float, float]) -> float:
-        return zo_summary(steps_by_job, Windows.of(*span))["steps_per_s"]
-
-    return [_ratio(rate(with_users), rate(alone)) for alone, with_users in zip(zo, together)]
+    return [
+        _ratio(_zo_steps_per_s(steps_by_job, Windows.of(*with_users)), _zo_steps_per_s(steps_by_job, Windows.of(*alone)))
+        for alone, with_users in zip(zo, together)
+    ]
 
 
 def quiet_rounds(cpu_by_window: dict[str, list[dict[str, float]]], limit: float = QUIET_STEAL_CORES) -> list[int]:
@@ -114,22 +122,15 @@ def quiet_round_figures(raw: Raw) -> dict:
     rounds = quiet_rounds(raw.cpu_by_window)
     if not rounds:
         return {"quiet_rounds": [], "user_ttft_p99_ratio_quiet_rounds": None, "zo_steps_ratio_quiet_rounds": None}
-
-    def pooled(phase: str) -> Windows:
-        spans = list(raw.phases[phase])
-        return Windows(tuple(spans[k] for k in rounds))
-
-    def p99(phase: str) -> float | None:
-        windows = pooled(phase)
-        return _pct([s.ttft_s for s in raw.samples if s.phase == phase and s.error is None and s.scheduled_s in windows], 99)
-
-    def zo_rate(phase: str) -> float:
-        return zo_summary(raw.steps_by_job, pooled(phase))["steps_per_s"]
-
+    quiet = {phase: Windows(tuple(list(windows)[k] for k in rounds)) for phase, windows in raw.phases.items()}
     return {
         "quiet_rounds": rounds,
-        "user_ttft_p99_ratio_quiet_rounds": _ratio(p99("together"), p99("users")),
-        "zo_steps_ratio_quiet_rounds": _ratio(zo_rate("together"), zo_rate("zo")),
+        "user_ttft_p99_ratio_quiet_rounds": _ratio(
+            _ttft_p99_ms(raw.samples, "together", quiet["together"]), _ttft_p99_ms(raw.samples, "users", quiet["users"])
+        ),
+        "zo_steps_ratio_quiet_rounds": _ratio(
+            _zo_steps_per_s(raw.steps_by_job, quiet["together"]), _zo_steps_per_s(raw.steps_by_job, quiet["zo"])
+        ),
     }
 
 
