@@ -51,7 +51,33 @@ def summarise_steps(steps: list[StepRecord], windows: Windows) -> dict:
             "num_probes_mean": sum(s.num_probes for s, _ in of_kind) / len(of_kind),
             "user_tokens_mean": sum(s.user_tokens for s, _ in of_kind) / len(of_kind),
         }
+    result["main_thread"] = main_thread_time([s for s, _ in inside])
     return result
+
+
+def main_thread_time(steps: list[StepRecord]) -> dict | None:
+    """Where the engine core's scheduling thread spent its steps (schedule, forward, update), over all the
+    steps and over the slowest 1 % of them by span: computing (its own CPU), waiting for a core other
+    processes held, blocked (on the GIL, a lock or I/O: the rest), and of the computing, in the collector.
+    Shares of the steps' summed span; None for a trace without the CPU columns."""
+    steps = [s for s in steps if s.thread_cpu_s is not None]
+    if not steps:
+        return None
+
+    def shares(of: list[StepRecord]) -> dict:
+        span = sum(s.update_end_s - s.schedule_start_s for s in of)
+        cpu = sum(s.thread_cpu_s for s in of)
+        wait = sum(s.runqueue_wait_s or 0.0 for s in of)
+        return {
+            "span_mean_ms": 1000.0 * span / len(of),
+            "cpu": cpu / span if span else 0.0,
+            "runqueue_wait": wait / span if span else 0.0,
+            "blocked": max(0.0, span - cpu - wait) / span if span else 0.0,
+            "gc": sum(s.gc_s or 0.0 for s in of) / span if span else 0.0,
+        }
+
+    slowest = sorted(steps, key=lambda s: s.update_end_s - s.schedule_start_s)[-max(1, len(steps) // 100):]
+    return {"all_steps": shares(steps), "slowest_1pct": shares(slowest)}
 
 
 def load_steps(prefix: str) -> list[StepRecord]:

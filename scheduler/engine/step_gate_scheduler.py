@@ -76,7 +76,7 @@ class _StepGate:
         self.score_batches.add_built(self)
         if self._tracer is None:
             return self._gated_schedule(*args, **kwargs)
-        start_s = time.time()
+        start_s = self._tracer.begin()
         output = self._gated_schedule(*args, **kwargs)
         self._tracer.scheduled(start_s, output, self.requests, self.waiting)
         return output

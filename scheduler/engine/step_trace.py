@@ -7,15 +7,21 @@ process writes `<prefix>.<pid>.tsv`); off, it costs one attribute check per step
 
   schedule_start_s  schedule_end_s  update_start_s  update_end_s   (update: after the worker's reply)
   probe_tokens  num_probes  user_tokens  num_user_prefills  num_user_waiting  num_waiting
+  thread_cpu_s  gc_s  runqueue_wait_s
 
 `probe_*` counts requests at the probe priority or worse; `num_user_prefills` the user requests scheduled
 for the first time in the step; `num_*waiting` the waiting queue after scheduling. A step's forward (with its
 RPCs) runs from `schedule_end_s` to `update_start_s`; the next step's `schedule_start_s` ends its period.
+`thread_cpu_s` is the CPU time the scheduling thread itself used from `schedule_start_s` to `update_end_s`,
+`runqueue_wait_s` the time it was ready to run but waited for a core (the kernel's schedstat; 0 where the
+kernel does not keep it), and `gc_s` the time the process spent in Python's garbage collector, over the same
+span. What the span holds beyond the first two, the thread spent blocked: on the GIL, a lock or I/O.
 `read_step_trace` parses a file back into `StepRecord`s (bench/coserve.py summarises them per phase).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -26,7 +32,9 @@ TRACE_ENV = "ZOSERVE_STEP_TRACE"
 COLUMNS = (
     "schedule_start_s", "schedule_end_s", "update_start_s", "update_end_s",
     "probe_tokens", "num_probes", "user_tokens", "num_user_prefills", "num_user_waiting", "num_waiting",
+    "thread_cpu_s", "gc_s", "runqueue_wait_s",
 )
+_COLUMNS_BEFORE_CPU = COLUMNS[:-3]  # traces written before the CPU and GC columns
 
 
 @dataclass(frozen=True)
@@ -41,10 +49,42 @@ class StepRecord:
     num_user_prefills: int
     num_user_waiting: int
     num_waiting: int
+    thread_cpu_s: float | None = None  # None: a trace written without it
+    gc_s: float | None = None
+    runqueue_wait_s: float | None = None
 
     @property
     def forward_s(self) -> float:
         return self.update_start_s - self.schedule_end_s
+
+
+class _GcClock:
+    """Total seconds this process has spent in the garbage collector since it was installed."""
+
+    def __init__(self) -> None:
+        self.total_s = 0.0
+        self._started: float | None = None
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.total_s += time.perf_counter() - self._started
+            self._started = None
+
+    def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+
+def _runqueue_wait_s() -> float:
+    """Seconds the calling thread has waited for a core since it started (Linux schedstat; 0.0 elsewhere)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class StepTracer:
@@ -54,7 +94,18 @@ class StepTracer:
         self._out = out
         self._probe_priority = probe_priority
         self._pending: str | None = None
+        self._gc = _GcClock()
+        self._start_cpu_s = 0.0
+        self._start_gc_s = 0.0
+        self._start_wait_s = 0.0
         out.write("\t".join(COLUMNS) + "\n")
+
+    def begin(self) -> float:
+        """Called as a step's scheduling starts; returns its wall-clock start."""
+        self._start_cpu_s = time.thread_time()
+        self._start_gc_s = self._gc.total_s
+        self._start_wait_s = _runqueue_wait_s()
+        return time.time()
 
     @classmethod
     def from_env(cls, probe_priority: int) -> StepTracer | None:
@@ -79,24 +130,31 @@ class StepTracer:
         num_user_waiting = sum(1 for request in waiting if request.priority < self._probe_priority)
         self._pending = (
             f"{start_s:.6f}\t{time.time():.6f}\t{{}}\t{{}}\t{probe_tokens}\t{num_probes}\t{user_tokens}\t"
-            f"{num_user_prefills}\t{num_user_waiting}\t{len(waiting)}\n"
+            f"{num_user_prefills}\t{num_user_waiting}\t{len(waiting)}"
         )
 
     def updated(self, start_s: float) -> None:
         if self._pending is not None:
-            self._out.write(self._pending.format(f"{start_s:.6f}", f"{time.time():.6f}"))
+            cpu_s = time.thread_time() - self._start_cpu_s
+            gc_s = self._gc.total_s - self._start_gc_s
+            wait_s = _runqueue_wait_s() - self._start_wait_s
+            self._out.write(
+                self._pending.format(f"{start_s:.6f}", f"{time.time():.6f}") + f"\t{cpu_s:.6f}\t{gc_s:.6f}\t{wait_s:.6f}\n"
+            )
             self._pending = None
 
 
 def read_step_trace(path: Path) -> list[StepRecord]:
     records = []
     with path.open() as lines:
-        header = next(lines, "").rstrip("\n").split("\t")
-        if tuple(header) != COLUMNS:
+        header = tuple(next(lines, "").rstrip("\n").split("\t"))
+        if header not in (COLUMNS, _COLUMNS_BEFORE_CPU):
             raise ValueError(f"{path} is not a step trace (header {header[:3]}...)")
         for line in lines:
             fields = line.rstrip("\n").split("\t")
-            if len(fields) != len(COLUMNS):
+            if len(fields) != len(header):
                 continue  # a line cut short when the engine stopped
-            records.append(StepRecord(*(float(f) for f in fields[:4]), *(int(f) for f in fields[4:])))
+            records.append(
+                StepRecord(*(float(f) for f in fields[:4]), *(int(f) for f in fields[4:10]), *(float(f) for f in fields[10:]))
+            )
     return records

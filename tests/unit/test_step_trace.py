@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from scheduler.engine.step_trace import TRACE_ENV, StepRecord, StepTracer, read_step_trace
+from scheduler.engine.step_trace import COLUMNS, TRACE_ENV, StepRecord, StepTracer, read_step_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from coserve_parts.steps import load_steps, step_kind, summarise_steps  # noqa: E402
@@ -102,3 +102,89 @@ def test_load_steps_merges_files_in_time_order(tmp_path):
         tracer.updated(pid_start + 0.01)
     steps = load_steps(str(tmp_path / "core"))
     assert [s.schedule_start_s for s in steps] == [100.0, 200.0]
+
+
+def test_a_step_records_its_threads_cpu_and_the_collectors_time(monkeypatch, tmp_path):
+    """A step that burns CPU on the scheduling thread and runs a full collection shows both; a step that only
+    waits shows next to no CPU."""
+    import gc
+    import time
+
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "core"))
+    tracer = StepTracer.from_env(PROBE)
+    requests = {"u1": _request(0)}
+    start = tracer.begin()
+    tracer.scheduled(start, _output({"u1": 1}, []), requests, [])
+    garbage = [[i] for i in range(200_000)]  # something for the collector to walk
+    gc.collect()
+    deadline = time.thread_time() + 0.03
+    while time.thread_time() < deadline:  # 30 ms of this thread's CPU
+        pass
+    tracer.updated(time.time())
+    start = tracer.begin()
+    tracer.scheduled(start, _output({"u1": 1}, []), requests, [])
+    time.sleep(0.03)  # 30 ms of waiting
+    tracer.updated(time.time())
+    del garbage
+    busy, idle = read_step_trace(next(tmp_path.glob("core.*.tsv")))
+    assert busy.thread_cpu_s >= 0.03 and busy.gc_s > 0
+    assert idle.thread_cpu_s < 0.01 and idle.gc_s == 0
+    assert idle.update_end_s - idle.schedule_start_s >= 0.03
+    assert 0 <= idle.runqueue_wait_s < 0.03  # it slept: blocked, not waiting for a core
+
+
+def test_a_trace_without_the_cpu_columns_still_reads(tmp_path):
+    path = tmp_path / "old.tsv"
+    path.write_text("\t".join(COLUMNS[:-3]) + "\n" + "1.0\t1.1\t1.2\t1.3\t20\t1\t2\t0\t0\t0\n")
+    (step,) = read_step_trace(path)
+    assert (step.probe_tokens, step.thread_cpu_s, step.gc_s, step.runqueue_wait_s) == (20, None, None, None)
+
+
+@pytest.mark.skipif(not Path("/proc/thread-self/schedstat").exists(), reason="needs Linux schedstat")
+def test_a_step_that_shares_its_core_records_the_wait_for_it(monkeypatch, tmp_path):
+    """The scheduling thread and a busy process pinned to one core: about half of the step's span is spent
+    waiting for that core, and the trace says so."""
+    import os
+    import subprocess
+    import time
+
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "core"))
+    tracer = StepTracer.from_env(PROBE)
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    hog = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    try:
+        os.sched_setaffinity(0, {cpu})  # this thread only (Linux affinity is per thread)
+        time.sleep(0.3)  # the hog is running
+        start = tracer.begin()
+        tracer.scheduled(start, _output({"u1": 1}, []), {"u1": _request(0)}, [])
+        deadline = time.time() + 0.2
+        while time.time() < deadline:
+            pass
+        tracer.updated(time.time())
+    finally:
+        os.sched_setaffinity(0, before)
+        hog.kill()
+        hog.wait()
+    (step,) = read_step_trace(next(tmp_path.glob("core.*.tsv")))
+    assert step.runqueue_wait_s > 0.04
+    assert step.thread_cpu_s + step.runqueue_wait_s == pytest.approx(step.update_end_s - step.schedule_start_s, abs=0.03)
+
+
+def test_phase_summary_says_where_the_main_thread_spent_its_steps():
+    """99 steps of 10 ms computing all the time, one of 40 ms that computed 10 ms, waited 20 ms for a core and
+    was blocked 10 ms: the slowest 1 % is that step alone."""
+    steps = []
+    for i in range(100):
+        start = 10.0 + 0.05 * i
+        slow = i == 50
+        span = 0.040 if slow else 0.010
+        steps.append(StepRecord(start, start + 0.001, start + span - 0.001, start + span, 100, 5, 2, 0, 0, 0,
+                                thread_cpu_s=0.010, gc_s=0.002 if slow else 0.0, runqueue_wait_s=0.020 if slow else 0.0))
+    steps.append(_step(15.0, 1.0))
+    threads = summarise_steps(steps, Windows.of(10.0, 15.0))["main_thread"]
+    assert threads["slowest_1pct"] == pytest.approx(
+        {"span_mean_ms": 40.0, "cpu": 0.25, "runqueue_wait": 0.5, "blocked": 0.25, "gc": 0.05}
+    )
+    assert threads["all_steps"]["cpu"] == pytest.approx(1.0 / 1.03)
+    assert threads["all_steps"]["runqueue_wait"] == pytest.approx(0.02 / 1.03)
