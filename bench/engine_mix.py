@@ -46,10 +46,20 @@ from scheduler.zo.lora_layout import LoraShape, initial_state, layout_for_model_
 NUM_STATES = 6  # slots 0-2 serve users, 3-5 hold probe states
 
 
-def summarise(records: list[StepRecord], start_s: float, end_s: float) -> dict:
-    """bench/coserve.py's per-kind step summary, with the median scheduling and output-update time added."""
-    summary = summarise_steps(records, Windows.of(start_s, end_s))
-    inside = [r for r in records if start_s <= r.schedule_start_s < end_s]
+def _ttft_percentiles(ttfts: list[float]) -> dict:
+    if not ttfts:
+        return {}
+    ranked = sorted(ttfts)
+    at = lambda q: 1e3 * ranked[min(len(ranked) - 1, int(q * len(ranked)))]  # noqa: E731
+    return {"num_user_requests": len(ranked), "ttft_p50_ms": at(0.5), "ttft_p90_ms": at(0.9), "ttft_p99_ms": at(0.99)}
+
+
+def summarise_windows(records: list[StepRecord], windows: list[tuple]) -> dict:
+    """bench/coserve.py's per-kind step summary over `windows` ((start, end, ...) each), with the median
+    scheduling and output-update time added."""
+    spans = Windows(tuple((w[0], w[1]) for w in windows))
+    summary = summarise_steps(records, spans)
+    inside = [r for r in records if r.schedule_start_s in spans]
     for kind in KINDS:
         if kind not in summary:
             continue
@@ -85,16 +95,23 @@ async def run(args) -> dict:
         rng = random.Random(args.seed)
         stop_at = time.monotonic() + args.warmup_s + args.seconds + 1.0
         counts = {"users": 0, "probe_sequences": 0}
+        ttfts: list[tuple[float, float]] = []  # (sent, time to first output) per user request
 
         async def user(k: int) -> None:
             while time.monotonic() < stop_at:
                 prompt = [2] + [rng.randrange(4, 2000) for _ in range(args.prompt_tokens)]
+                sent_s, first_s = time.time(), None
                 async for _ in binding.generate(
                     prompt, max_tokens=16, temperature=args.user_temperature, top_p=1.0, seed=None, stop=None,
                     slot=binding.slot_ids[k % 3], salt=f"user-{k}", priority=USER_PRIORITY,
                 ):
-                    pass
+                    if first_s is None:
+                        first_s = time.time()
                 counts["users"] += 1
+                if first_s is not None:
+                    ttfts.append((sent_s, first_s - sent_s))
+                if args.user_think_s:
+                    await asyncio.sleep(rng.expovariate(1.0 / args.user_think_s))
 
         async def scorer(k: int) -> None:
             batch = 0
@@ -113,23 +130,39 @@ async def run(args) -> dict:
         if args.mode in ("probes", "together"):
             tasks += [asyncio.ensure_future(scorer(k)) for k in range(args.scorers)]
         await asyncio.sleep(args.warmup_s)
-        before, t0 = dict(counts), time.time()
-        await asyncio.sleep(args.seconds)
-        after, t1 = dict(counts), time.time()
+        variants = {"default": await binding.switch_interval()}
+        if args.ab_switch_interval is not None:
+            variants["ab"] = args.ab_switch_interval
+        spans: dict[str, list[tuple[float, float, dict, dict]]] = {name: [] for name in variants}
+        end_at = time.monotonic() + args.seconds
+        turn = 0
+        while time.monotonic() < end_at:  # the variants take turns, so the machine's drift reaches both alike
+            name = list(variants)[turn % len(variants)]
+            await binding.switch_interval(variants[name])
+            await asyncio.sleep(0.2)  # settle: the step running at the switch belongs to neither
+            before, t0 = dict(counts), time.time()
+            await asyncio.sleep(args.ab_window_s if len(variants) > 1 else args.seconds)
+            spans[name].append((t0, time.time(), before, dict(counts)))
+            turn += 1
+        await binding.switch_interval(variants["default"])
         await asyncio.gather(*tasks)
     finally:
         binding.shutdown()
-    steps = summarise(load_steps(os.environ[TRACE_ENV]), t0, t1)
-    span = t1 - t0
-    return {
-        "benchmark": "engine_mix",
-        "mode": args.mode,
-        "users_completions_per_s": (after["users"] - before["users"]) / span,
-        "probe_sequences_per_s": (after["probe_sequences"] - before["probe_sequences"]) / span,
-        "steps_per_s": steps["num_steps"] / span,
-        "steps": {kind: steps[kind] for kind in KINDS if kind in steps},
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
-    }
+    records = load_steps(os.environ[TRACE_ENV])
+    result = {"benchmark": "engine_mix", "mode": args.mode, "switch_intervals": variants}
+    for name, windows in spans.items():
+        steps = summarise_windows(records, windows)
+        span = sum(t1 - t0 for t0, t1, _, _ in windows)
+        result[name] = {
+            "seconds": span,
+            "users_completions_per_s": sum(a["users"] - b["users"] for _, _, b, a in windows) / span,
+            "probe_sequences_per_s": sum(a["probe_sequences"] - b["probe_sequences"] for _, _, b, a in windows) / span,
+            "steps_per_s": steps["num_steps"] / span,
+            "steps": {kind: steps[kind] for kind in KINDS if kind in steps},
+            **_ttft_percentiles([t for sent, t in ttfts if any(t0 <= sent < t1 for t0, t1, _, _ in windows)]),
+        }
+    result["config"] = {k: v for k, v in vars(args).items() if k != "json"}
+    return result
 
 
 def main() -> None:
@@ -142,19 +175,33 @@ def main() -> None:
     parser.add_argument("--scorers", type=int, default=4, help="concurrent closed-loop probe scorers")
     parser.add_argument("--batch-sequences", type=int, default=6, help="sequences per probe batch")
     parser.add_argument("--prompt-tokens", type=int, default=21)
+    parser.add_argument("--user-think-s", type=float, default=0.0, help="mean pause (exponential) between a user's requests")
     parser.add_argument("--user-temperature", type=float, default=1.0)
     parser.add_argument("--step-gate-tokens", type=int, default=256)
     parser.add_argument("--cpu-threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ab-switch-interval", type=float, default=None,
+        help="A/B in one run: windows at the engine's default GIL switch interval take turns with windows at this one",
+    )
+    parser.add_argument("--ab-window-s", type=float, default=2.0, help="length of each A/B window")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = asyncio.run(run(args))
-    for kind, row in result["steps"].items():
+    for name, interval in result["switch_intervals"].items():
+        variant = result[name]
+        print(f"{name}: GIL switch interval {interval * 1e3:g} ms, {variant['seconds']:.0f} s measured")
+        for kind, row in variant["steps"].items():
+            print(
+                f"  {kind:18s} {row['share_of_time']:4.0%} of time  period p50 {row['period_p50_ms']:.2f} ms  "
+                f"forward p50 {row['forward_p50_ms']:.2f} ms  probe tokens {row['probe_tokens_mean']:.0f}  "
+                f"user tokens {row['user_tokens_mean']:.1f}"
+            )
         print(
-            f"{kind:18s} {row['share_of_time']:4.0%} of time  forward p50 {row['forward_p50_ms']:.2f} ms  "
-            f"probe tokens {row['probe_tokens_mean']:.0f}  user tokens {row['user_tokens_mean']:.1f}"
+            f"  users {variant['users_completions_per_s']:.1f} completions/s, "
+            f"TTFT p50 / p90 / p99 {variant.get('ttft_p50_ms', 0):.1f} / {variant.get('ttft_p90_ms', 0):.1f} / "
+            f"{variant.get('ttft_p99_ms', 0):.1f} ms, probes {variant['probe_sequences_per_s']:.0f} sequences/s"
         )
-    print(f"users {result['users_completions_per_s']:.1f} completions/s, probes {result['probe_sequences_per_s']:.0f} sequences/s")
     if args.json:
         print(json.dumps(result))
 

@@ -191,6 +191,10 @@ class EngineBinding:
         pid, threads = await self._rpc("zo_model_process")
         return int(pid), int(threads)
 
+    async def switch_interval(self, seconds: float | None = None) -> float:
+        """The GIL switch interval of the process the model runs in; sets it first when given."""
+        return await self._rpc("zo_switch_interval", seconds)
+
     async def lora_ops(self) -> tuple[str, ...]:
         """zoserve's CPU LoRA ops running in the model's process (engine/worker_extension.py)."""
         return tuple(await self._rpc("zo_lora_ops"))

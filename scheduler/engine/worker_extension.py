@@ -13,6 +13,7 @@ kernels that cache buffer pointers stay valid.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,12 @@ class ZOWorkerExtension:
     def zo_model_process(self) -> tuple[int, int]:
         """(pid, torch threads) of the process the model runs in: the worker's, or the engine core's."""
         return os.getpid(), torch.get_num_threads()
+
+    def zo_switch_interval(self, seconds: float | None = None) -> float:
+        """The model process's GIL switch interval (`sys.setswitchinterval`); sets it first when given."""
+        if seconds is not None:
+            sys.setswitchinterval(float(seconds))
+        return sys.getswitchinterval()
 
     def zo_lora_ops(self) -> list[str]:
         """Which of zoserve's CPU LoRA ops the model's process runs (each is installed only if it agrees

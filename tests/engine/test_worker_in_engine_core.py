@@ -89,3 +89,16 @@ async def test_both_layouts_run_vllms_processes_nicer_than_the_api_process(engin
     assert thread_nice_values(session_pid) == {expected}
     own = os.getpriority(os.PRIO_PROCESS, 0)
     assert own < expected or own == 19, "the API process keeps its own priority"
+
+
+async def test_the_model_process_gil_switch_interval_can_be_read_and_set(engine):
+    """bench/engine_mix.py's A/B knob: the interval is the model process's, not this one's."""
+    import sys
+
+    default = await engine.switch_interval()
+    try:
+        assert await engine.switch_interval(0.0005) == pytest.approx(0.0005)
+        assert await engine.switch_interval() == pytest.approx(0.0005)
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+    finally:
+        await engine.switch_interval(default)
