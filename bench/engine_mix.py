@@ -66,6 +66,8 @@ def summarise_windows(records: list[StepRecord], windows: list[tuple]) -> dict:
         of_kind = [r for r in inside if step_kind(r) == kind]
         summary[kind]["schedule_p50_ms"] = statistics.median(r.schedule_end_s - r.schedule_start_s for r in of_kind) * 1e3
         summary[kind]["update_p50_ms"] = statistics.median(r.update_end_s - r.update_start_s for r in of_kind) * 1e3
+        if of_kind[0].thread_cpu_s is not None:
+            summary[kind]["thread_cpu_p50_ms"] = statistics.median(r.thread_cpu_s for r in of_kind) * 1e3
     return summary
 
 
@@ -194,7 +196,7 @@ def main() -> None:
         for kind, row in variant["steps"].items():
             print(
                 f"  {kind:18s} {row['share_of_time']:4.0%} of time  period p50 {row['period_p50_ms']:.2f} ms  "
-                f"forward p50 {row['forward_p50_ms']:.2f} ms  probe tokens {row['probe_tokens_mean']:.0f}  "
+                f"forward p50 {row['forward_p50_ms']:.2f} ms  CPU p50 {row.get('thread_cpu_p50_ms', 0):.2f} ms  probe tokens {row['probe_tokens_mean']:.0f}  "
                 f"user tokens {row['user_tokens_mean']:.1f}"
             )
         print(
