@@ -108,10 +108,16 @@ def print_summary(result: dict) -> None:
         kinds = ", ".join(
             f"{kind} {v['share_of_time']:.0%} of time, period p50/p99 {v['period_p50_ms']:.1f}/{v['period_p99_ms']:.1f} ms, "
             f"{v['probe_tokens_mean']:.0f} probe tokens"
-            for kind, v in steps.items() if isinstance(v, dict)
+            for kind, v in steps.items() if isinstance(v, dict) and "share_of_time" in v
         )
         if kinds:
             print(f"engine steps, {name:9s} {steps['steps_per_s']:.0f}/s: {kinds}")
+        threads = steps.get("main_thread")
+        if threads:
+            print(f"engine main thread, {name:9s} " + "; ".join(
+                f"{which}: span {v['span_mean_ms']:.1f} ms, CPU {v['cpu']:.0%}, waiting for a core {v['runqueue_wait']:.0%}, "
+                f"blocked {v['blocked']:.0%}, GC {v['gc']:.1%}" for which, v in threads.items()
+            ))
     for name in ("users", "zo", "together"):
         cpu = result["phases"][name]["cpu"]
         print(f"CPU s/s, {name:9s} " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())))
