@@ -70,6 +70,8 @@ class _StepGate:
 
     def shutdown(self) -> None:
         self.score_batches.close()
+        if self._tracer is not None:
+            self._tracer.close()
         super().shutdown()
 
     def schedule(self, *args, **kwargs):

@@ -123,6 +123,12 @@ class StepTracer:
         self._runqueue = _RunqueueClock()
         out.write("\t".join(COLUMNS) + "\n")
 
+    def close(self) -> None:
+        """Stop timing the collector and close the files; a step still pending is not written."""
+        self._gc.close()
+        self._runqueue.close()
+        self._out.close()
+
     def begin(self) -> float:
         """Called as a step's scheduling starts; returns its wall-clock start."""
         self._start_cpu_s = time.thread_time()

@@ -125,7 +125,9 @@ def test_a_step_records_its_threads_cpu_and_the_collectors_time(monkeypatch, tmp
     tracer.scheduled(start, _output({"u1": 1}, []), requests, [])
     time.sleep(0.03)  # 30 ms of waiting
     tracer.updated(time.time())
+    tracer.close()
     del garbage
+    assert not any(getattr(cb, "__self__", None) is tracer._gc for cb in gc.callbacks)  # closed: no longer timing
     busy, idle = read_step_trace(next(tmp_path.glob("core.*.tsv")))
     assert busy.thread_cpu_s >= 0.03 and busy.gc_s > 0
     assert idle.thread_cpu_s < 0.01 and idle.gc_s == 0
