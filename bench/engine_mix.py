@@ -9,7 +9,11 @@ runs: `users`, `probes` or `together`. After a warm-up it measures `--seconds` o
 (bench/coserve_parts/steps.py: periods, shares of time, forward time, tokens carried) with the median
 scheduling and output-update times added, and the users' completions and probe sequences per second. Made
 for side-by-side comparisons of engine-side changes (run it once per variant, one after the other; the
-machine drifts, so repeat the pair).
+machine drifts, so repeat the pair). A setting the model process can change while it runs is compared in one
+run instead: `--ab-switch-interval S` alternates `--ab-window-s` windows at the GIL switch interval vLLM
+starts with and at S, and reports each variant over its own windows. `--user-think-s` pauses each user
+between requests (exponential, that mean), so users arrive at the engine while steps run, as in production,
+and the users' TTFT percentiles say what a change does to them.
 
     .venv/bin/python bench/engine_mix.py --mode together --json
 """
@@ -39,6 +43,7 @@ from scheduler.engine.binding import USER_PRIORITY, EngineBinding  # noqa: E402
 from scheduler.engine.config import PROBE_PRIORITY, EngineConfig  # noqa: E402
 from scheduler.engine.step_trace import TRACE_ENV, StepRecord  # noqa: E402
 from scheduler.models.tiny import ensure_model  # noqa: E402
+from scheduler.planning import percentile_ms  # noqa: E402
 from scheduler.planning.step_gate import StepGateConfig  # noqa: E402
 from scheduler.scoring import ScoringSequence  # noqa: E402
 from scheduler.zo.lora_layout import LoraShape, initial_state, layout_for_model_dir  # noqa: E402
@@ -46,12 +51,11 @@ from scheduler.zo.lora_layout import LoraShape, initial_state, layout_for_model_
 NUM_STATES = 6  # slots 0-2 serve users, 3-5 hold probe states
 
 
-def _ttft_percentiles(ttfts: list[float]) -> dict:
-    if not ttfts:
+def _ttft_percentiles(ttfts_s: list[float]) -> dict:
+    if not ttfts_s:
         return {}
-    ranked = sorted(ttfts)
-    at = lambda q: 1e3 * ranked[min(len(ranked) - 1, int(q * len(ranked)))]  # noqa: E731
-    return {"num_user_requests": len(ranked), "ttft_p50_ms": at(0.5), "ttft_p90_ms": at(0.9), "ttft_p99_ms": at(0.99)}
+    ms = [1e3 * t for t in ttfts_s]
+    return {"num_user_requests": len(ms), **{f"ttft_p{round(q * 100)}_ms": percentile_ms(ms, q) for q in (0.5, 0.9, 0.99)}}
 
 
 def summarise_windows(records: list[StepRecord], windows: list[tuple]) -> dict:
