@@ -48,6 +48,7 @@ from service.settings import Settings  # noqa: E402
 
 from coserve_parts.measure import run  # noqa: E402
 from coserve_parts.plot import plot  # noqa: E402
+from coserve_parts.steps import KINDS  # noqa: E402
 from coserve_parts.summary import SENT_LATE_S  # noqa: E402
 
 
@@ -108,7 +109,7 @@ def print_summary(result: dict) -> None:
         kinds = ", ".join(
             f"{kind} {v['share_of_time']:.0%} of time, period p50/p99 {v['period_p50_ms']:.1f}/{v['period_p99_ms']:.1f} ms, "
             f"{v['probe_tokens_mean']:.0f} probe tokens"
-            for kind, v in steps.items() if isinstance(v, dict) and "share_of_time" in v
+            for kind, v in ((k, steps[k]) for k in KINDS if k in steps)
         )
         if kinds:
             print(f"engine steps, {name:9s} {steps['steps_per_s']:.0f}/s: {kinds}")

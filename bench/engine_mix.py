@@ -58,10 +58,9 @@ def _ttft_percentiles(ttfts_s: list[float]) -> dict:
     return {"num_user_requests": len(ms), **{f"ttft_p{round(q * 100)}_ms": percentile_ms(ms, q) for q in (0.5, 0.9, 0.99)}}
 
 
-def summarise_windows(records: list[StepRecord], windows: list[tuple]) -> dict:
-    """bench/coserve.py's per-kind step summary over `windows` ((start, end, ...) each), with the median
-    scheduling and output-update time added."""
-    spans = Windows(tuple((w[0], w[1]) for w in windows))
+def summarise_windows(records: list[StepRecord], spans: Windows) -> dict:
+    """bench/coserve.py's per-kind step summary over `spans`, with the median scheduling and output-update
+    time added."""
     summary = summarise_steps(records, spans)
     inside = [r for r in records if r.schedule_start_s in spans]
     for kind in KINDS:
@@ -157,15 +156,16 @@ async def run(args) -> dict:
     records = load_steps(os.environ[TRACE_ENV])
     result = {"benchmark": "engine_mix", "mode": args.mode, "switch_intervals": variants}
     for name, windows in spans.items():
-        steps = summarise_windows(records, windows)
-        span = sum(t1 - t0 for t0, t1, _, _ in windows)
+        measured = Windows(tuple((t0, t1) for t0, t1, _, _ in windows))
+        steps = summarise_windows(records, measured)
+        span = measured.duration_s
         result[name] = {
             "seconds": span,
             "users_completions_per_s": sum(a["users"] - b["users"] for _, _, b, a in windows) / span,
             "probe_sequences_per_s": sum(a["probe_sequences"] - b["probe_sequences"] for _, _, b, a in windows) / span,
             "steps_per_s": steps["num_steps"] / span,
             "steps": {kind: steps[kind] for kind in KINDS if kind in steps},
-            **_ttft_percentiles([t for sent, t in ttfts if any(t0 <= sent < t1 for t0, t1, _, _ in windows)]),
+            **_ttft_percentiles([t for sent, t in ttfts if sent in measured]),
         }
     result["config"] = {k: v for k, v in vars(args).items() if k != "json"}
     return result

@@ -81,17 +81,18 @@ def _ttft_p99_ms(samples: list[UserSample], phase: str, windows: Windows) -> flo
     return _pct([s.ttft_s for s in samples if s.phase == phase and s.error is None and s.scheduled_s in windows], 99)
 
 
-def _zo_steps_per_s(steps_by_job: dict[str, tuple[float, list[dict]]], windows: Windows) -> float:
-    return zo_summary(steps_by_job, windows)["steps_per_s"]
+def _ttft_p99_ratio(samples: list[UserSample], users: Windows, together: Windows) -> float | None:
+    return _ratio(_ttft_p99_ms(samples, "together", together), _ttft_p99_ms(samples, "users", users))
+
+
+def _zo_steps_ratio(steps_by_job: dict[str, tuple[float, list[dict]]], zo: Windows, together: Windows) -> float | None:
+    return _ratio(zo_summary(steps_by_job, together)["steps_per_s"], zo_summary(steps_by_job, zo)["steps_per_s"])
 
 
 def ttft_p99_ratio_by_round(samples: list[UserSample], users: Windows, together: Windows) -> list[float | None]:
     """Round k's together p99 TTFT / its users-alone p99: a ratio of two windows minutes apart at most, so a
     slow stretch of the machine that lands in one window moves one round's ratio, not every round's."""
-    return [
-        _ratio(_ttft_p99_ms(samples, "together", Windows.of(*with_zo)), _ttft_p99_ms(samples, "users", Windows.of(*alone)))
-        for alone, with_zo in zip(users, together)
-    ]
+    return [_ttft_p99_ratio(samples, Windows.of(*a), Windows.of(*b)) for a, b in zip(users, together)]
 
 
 def zo_steps_ratio_by_round(
@@ -99,10 +100,7 @@ def zo_steps_ratio_by_round(
 ) -> list[float | None]:
     """Round k's ZO steps/s together / its ZO-alone steps/s, the windows of one round paired as in
     `ttft_p99_ratio_by_round`."""
-    return [
-        _ratio(_zo_steps_per_s(steps_by_job, Windows.of(*with_users)), _zo_steps_per_s(steps_by_job, Windows.of(*alone)))
-        for alone, with_users in zip(zo, together)
-    ]
+    return [_zo_steps_ratio(steps_by_job, Windows.of(*a), Windows.of(*b)) for a, b in zip(zo, together)]
 
 
 def quiet_rounds(cpu_by_window: dict[str, list[dict[str, float]]], limit: float = QUIET_STEAL_CORES) -> list[int]:
@@ -125,12 +123,8 @@ def quiet_round_figures(raw: Raw) -> dict:
     quiet = {phase: Windows(tuple(list(windows)[k] for k in rounds)) for phase, windows in raw.phases.items()}
     return {
         "quiet_rounds": rounds,
-        "user_ttft_p99_ratio_quiet_rounds": _ratio(
-            _ttft_p99_ms(raw.samples, "together", quiet["together"]), _ttft_p99_ms(raw.samples, "users", quiet["users"])
-        ),
-        "zo_steps_ratio_quiet_rounds": _ratio(
-            _zo_steps_per_s(raw.steps_by_job, quiet["together"]), _zo_steps_per_s(raw.steps_by_job, quiet["zo"])
-        ),
+        "user_ttft_p99_ratio_quiet_rounds": _ttft_p99_ratio(raw.samples, quiet["users"], quiet["together"]),
+        "zo_steps_ratio_quiet_rounds": _zo_steps_ratio(raw.steps_by_job, quiet["zo"], quiet["together"]),
     }
 
 
