@@ -20,7 +20,8 @@ from pathlib import Path
 from adapters_store import AdapterNotFound, AdapterState, AdapterStore, HeadConflict, VersionRecord
 from scheduler.direction_artifacts import MissingArtifact, artifact_hparam
 from scheduler.engine.binding import EngineBinding
-from scheduler.engine_step import StepOutcome
+from scheduler.aio import gather_or_cancel
+from scheduler.engine_step import StepOutcome, apply_outcome
 from scheduler.errors import AdapterNotServed, NoCapacity
 from scheduler.replay import applier_for, record_hparams
 from scheduler.serving import ServingLease, ServingTable
@@ -202,8 +203,34 @@ class AdapterHost:
             adapter.training = False
 
     # ----------------------------------------------------------------- stepping
+    async def apply_and_commit(self, adapter: LoadedAdapter, outcome: StepOutcome, method: ZoMethod, hyper) -> int:
+        """Apply a scored step to the worker's state, commit the new version and publish it; the version served.
+
+        The stepped state goes into the idle serving buffer in the same engine call gap as the update (the
+        engine core runs this process's calls in the order they were sent), so publishing waits for no engine
+        step of its own. That buffer is served only once the version is committed; on a head conflict the
+        store head is reloaded and published instead.
+        """
+        target = self.serving.publish_target(adapter.name)
+        writes = [apply_outcome(self.binding, adapter.name, outcome)]
+        if target is not None:
+            writes.append(self.binding.write_state(adapter.name, target))
+        await gather_or_cancel(writes)  # in this order: the update first
+        committed = await self._commit(adapter, outcome, method, hyper)
+        if committed and target is not None:
+            self.serving.mark_published(adapter.name, target, adapter.head)
+        elif committed:  # the idle buffer still had requests in flight: publish when it can be written
+            await self.publish(adapter)
+        return adapter.head
+
     async def commit_step(self, adapter: LoadedAdapter, outcome: StepOutcome, method: ZoMethod, hyper) -> int:
         """Commit the version the worker now holds; on a head conflict reload the store head instead."""
+        await self._commit(adapter, outcome, method, hyper)
+        return adapter.head
+
+    async def _commit(self, adapter: LoadedAdapter, outcome: StepOutcome, method: ZoMethod, hyper) -> bool:
+        """Commit the version the worker holds after `outcome`; False when the store's head had moved on (the
+        store head is then loaded and published)."""
         version = adapter.head + 1
         record = VersionRecord(
             version=version,
@@ -226,10 +253,10 @@ class AdapterHost:
             await self.store.commit(adapter.name, record, state)
         except HeadConflict:
             await self.load(adapter.name, adapter.method_wire or (method.name, hyper_items(hyper)))
-            return adapter.head
+            return False
         adapter.head = version
         adapter.last_used = time.monotonic()
-        return version
+        return True
 
     async def snapshot_head(self, adapter: LoadedAdapter) -> None:
         theta, buffers = await self.binding.get_state(adapter.name)

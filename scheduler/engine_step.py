@@ -7,6 +7,11 @@ as it can next to user requests. Only seeds and scalars cross the process bounda
 With a `gate` (the co-scheduler's token admission), a round's sequences go in as chunks of about
 `gate.chunk_tokens` tokens, interleaved across the probe slots, each chunk entering the engine when the
 gate admits it. Without one (benchmarks, tests, the baseline comparison), every sequence goes in at once.
+
+A round's probe states are written without waiting for the write to be answered before its scoring goes
+in: the engine core takes every call from this process in the order it was sent and runs the worker's
+writes between two engine steps, before it schedules anything sent after them, so the first chunks see the
+new states and a round costs one wait for the step in flight instead of two.
 """
 
 from __future__ import annotations
@@ -188,6 +193,35 @@ async def run_engine_step(
     priority: int = PROBE_PRIORITY,
     gate: ChunkGate | None = None,
 ) -> StepOutcome:
+    """One whole step: scored (`score_engine_step`), then applied to the worker's master state of `key`."""
+    outcome = await score_engine_step(
+        binding, key, data, method, lr, job_seed=job_seed, step=step, batch_size=batch_size, slots=slots,
+        salt=salt, priority=priority, gate=gate,
+    )
+    await apply_outcome(binding, key, outcome)
+    return outcome
+
+
+def apply_outcome(binding: EngineBinding, key: str, outcome: StepOutcome):
+    """The worker's update of `key` by a scored step (an awaitable: the engine call)."""
+    return binding.apply_step(key, outcome.step, outcome.seeds, outcome.coeffs, outcome.lr)
+
+
+async def score_engine_step(
+    binding: EngineBinding,
+    key: str,
+    data: EncodedDataset | EncodedReward,
+    method: ZoMethod,
+    lr: float,
+    *,
+    job_seed: int,
+    step: int,
+    batch_size: int,
+    slots: Sequence[int],
+    salt: str,
+    priority: int = PROBE_PRIORITY,
+    gate: ChunkGate | None = None,
+) -> StepOutcome:
     started = time.perf_counter()
     batch = batch_indices(job_seed, step, batch_size, len(data))
     seeds = method.perturbation.seeds_for_step(job_seed, step, method.num_directions)
@@ -198,14 +232,17 @@ async def run_engine_step(
         if len(probes) > len(slots):
             raise ValueError(f"{method.name} needs {len(probes)} probe slots, {len(slots)} given")
         round_slots = list(slots[: len(probes)])
-        await binding.write_probes(key, step, seeds.as_tuple(), probes_to_wire(probes), round_slots)
         round_index = len(losses)
         salts = [f"{salt}:{step}:{round_index + j}" for j in range(len(round_slots))]
-        results = await score_batches(binding, data, batch, sequences, round_slots, salts, priority, gate)
+        # In this order: the write is sent before any chunk (gather_or_cancel starts its tasks in order, and
+        # an engine call is sent before its task first yields), so the engine runs it before their steps.
+        _, results = await gather_or_cancel([
+            binding.write_probes(key, step, seeds.as_tuple(), probes_to_wire(probes), round_slots),
+            score_batches(binding, data, batch, sequences, round_slots, salts, priority, gate),
+        ])
         losses += tuple(result.loss for result in results)
         num_sequences += len(round_slots) * len(sequences)
     record = finish_step(method, seeds, losses, lr)
-    await binding.apply_step(key, step, seeds.as_tuple(), record.coeffs, record.lr)
     return step_outcome(
         method, step=step, seeds=seeds, batch=batch, data=data, sequences=sequences, losses=losses,
         record=record, num_sequences=num_sequences, started=started,

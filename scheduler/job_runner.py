@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from scheduler.engine.binding import PROBE_PRIORITY
-from scheduler.engine_step import ChunkGate, run_engine_step, score_batches, work_tokens
+from scheduler.engine_step import ChunkGate, score_batches, score_engine_step, work_tokens
 from scheduler.errors import InvalidJobSpec, NoCapacity
 from scheduler.job_artifacts import job_artifacts, method_and_wire
 from scheduler.job_journal import JobProgress
@@ -224,16 +224,18 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
             tokens = estimate(run.data, spec.batch_size, num_probes)
             paused = lambda: not run.resume.is_set()  # noqa: E731
             async with runtime.coscheduler.step(run.id, spec.weight, tokens, num_probes, paused) as lease:
-                outcome = await run_engine_step(
+                outcome = await score_engine_step(
                     binding, adapter.name, run.data, method, hyper.lr, job_seed=spec.seed, step=run.step,
                     batch_size=spec.batch_size, slots=lease.slot_ids, salt=f"probe:{run.id}@{adapter.head}",
                     gate=lease.gate,
                 )
-            version = await host.commit_step(adapter, outcome, method, hyper)
+            applying = time.perf_counter()
+            version = await host.apply_and_commit(adapter, outcome, method, hyper)
+            duration_s = outcome.duration_s + time.perf_counter() - applying  # scored, applied, committed
             run.step += 1
             run.last_loss = outcome.loss
             metric = StepMetric(
-                run.step, version, outcome.loss, outcome.projected_grad_norm, outcome.duration_s, time.time(),
+                run.step, version, outcome.loss, outcome.projected_grad_norm, duration_s, time.time(),
                 outcome.num_sequences, outcome.num_tokens,
             )
             run.step_metrics.append(metric)
@@ -242,7 +244,6 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
             if run.step % 10 == 0:
                 run.event("metrics", f"step {run.step}: loss {outcome.loss:.4f}")
             run.save_progress(runtime)
-            await host.publish(adapter)
             if eval_data is not None and spec.eval_every and run.step % spec.eval_every == 0:
                 await _evaluate(runtime, run, adapter, eval_data)
         if eval_data is not None and not (spec.eval_every and run.step % spec.eval_every == 0):
