@@ -43,6 +43,7 @@ from scheduler.planning import (
 )
 
 log = logging.getLogger(__name__)
+_RECORD_CACHE_SIZE = 1024  # slot and serving records kept for reuse across rounds
 
 
 @dataclass
@@ -154,6 +155,12 @@ class CoScheduler:
         self._user_handles: dict[int, UserRequestHandle] = {}
         self._last_user_arrival_s: float | None = None
         self._ttfts: deque[tuple[float, float]] = deque(maxlen=4096)  # (time, ms)
+        # A round runs at every event (hundreds a second with users and jobs): what has not changed since the
+        # last round is reused rather than rebuilt.
+        self._ttft_changes = 0  # samples added or aged out so far
+        self._ttft_p95: tuple[int, float | None] = (-1, None)  # (_ttft_changes when computed, p95 ms)
+        self._occupancy: dict[tuple, SlotOccupancy] = {}  # (slot, kind, owner, in flight) → its record
+        self._serving_demands: dict[str, ServingDemand] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -205,6 +212,7 @@ class CoScheduler:
 
     def _record_ttft(self, seconds: float) -> None:
         self._ttfts.append((time.monotonic(), seconds * 1000.0))
+        self._ttft_changes += 1
         self._wake.set()
 
     # ----------------------------------------------------------------- job side
@@ -263,10 +271,14 @@ class CoScheduler:
     def _latency(self, now: float) -> LatencySignal:
         while self._ttfts and self._ttfts[0][0] < now - self.config.ttft_window_s:
             self._ttfts.popleft()
+            self._ttft_changes += 1
+        if self._ttft_p95[0] != self._ttft_changes:
+            p95 = percentile_ms([ms for _, ms in self._ttfts], 0.95) if self._ttfts else None
+            self._ttft_p95 = (self._ttft_changes, p95)
         handles = list(self._user_handles.values())
         waiting = [h for h in handles if h.first_token_s is None]
         return LatencySignal(
-            ttft_p95_ms=percentile_ms([ms for _, ms in self._ttfts], 0.95) if self._ttfts else None,
+            ttft_p95_ms=self._ttft_p95[1],
             num_user_running=len(handles) - len(waiting),
             num_user_waiting=len(waiting),
             num_user_tokens_in_flight=sum(h.num_prompt_tokens + h.num_output_tokens for h in handles),
@@ -285,15 +297,34 @@ class CoScheduler:
             if slot in free:
                 continue
             if slot in probe:
-                slots.append(SlotOccupancy(self._index[slot], SlotKind.PROBE, probe[slot], 1, now))
+                slots.append(self._occupied(slot, SlotKind.PROBE, probe[slot], 1, now))
             elif slot in serving:
                 owner, in_flight = serving[slot]
-                slots.append(SlotOccupancy(self._index[slot], SlotKind.SERVING, owner, in_flight, now))
+                slots.append(self._occupied(slot, SlotKind.SERVING, owner, in_flight, now))
             else:  # taken by the adapter host and not registered yet: never hand it out (one owner per slot)
-                slots.append(SlotOccupancy(self._index[slot], SlotKind.SERVING, f"__reserved__#{slot}", 1, now))
+                slots.append(self._occupied(slot, SlotKind.SERVING, f"__reserved__#{slot}", 1, now))
         # Serving slots belong to the adapter host (it evicts idle adapters itself): pinned here.
         owners = sorted({s.owner for s in slots if s.kind is SlotKind.SERVING})
-        return tuple(slots), tuple(ServingDemand(owner, is_pinned=True) for owner in owners)
+        return tuple(slots), tuple(self._pinned_demand(owner) for owner in owners)
+
+    def _occupied(self, slot: int, kind: SlotKind, owner: str, in_flight: int, now: float) -> SlotOccupancy:
+        """The slot's record, the one of an earlier round while nothing in it changed (`last_used_s`: when it
+        last changed)."""
+        key = (slot, kind, owner, in_flight)
+        record = self._occupancy.get(key)
+        if record is None:
+            if len(self._occupancy) >= _RECORD_CACHE_SIZE:
+                self._occupancy.clear()
+            record = self._occupancy[key] = SlotOccupancy(self._index[slot], kind, owner, in_flight, now)
+        return record
+
+    def _pinned_demand(self, owner: str) -> ServingDemand:
+        demand = self._serving_demands.get(owner)
+        if demand is None:
+            if len(self._serving_demands) >= _RECORD_CACHE_SIZE:
+                self._serving_demands.clear()
+            demand = self._serving_demands[owner] = ServingDemand(owner, is_pinned=True)
+        return demand
 
     def _observation(self) -> RoundObservation:
         now = time.monotonic()

@@ -21,14 +21,21 @@ def require(ok: bool, field: str, message: str) -> None:
         raise PlanningError(f"{field}: {message}")
 
 
+# The checks below run for every record of every planning round (hundreds a second while users and jobs
+# share the engine): each message is built only once a check has failed.
+
+
 def require_count(value: int, field: str) -> None:
     # bool is an int subclass; a True where a count belongs is always a wiring bug.
-    require(isinstance(value, int) and not isinstance(value, bool), field, f"must be an int, got {value!r}")
-    require(value >= 0, field, f"must be >= 0, got {value}")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise PlanningError(f"{field}: must be an int, got {value!r}")
+    if value < 0:
+        raise PlanningError(f"{field}: must be >= 0, got {value}")
 
 
 def require_finite(value: float, field: str) -> None:
-    require(isinstance(value, (int, float)) and math.isfinite(value), field, f"must be a finite number, got {value!r}")
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PlanningError(f"{field}: must be a finite number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,12 @@ class LatencySignal:
             require_finite(self.seconds_since_user_arrival_s, "seconds_since_user_arrival_s")
             require(self.seconds_since_user_arrival_s >= 0, "seconds_since_user_arrival_s", "must be >= 0")
         require_finite(self.max_user_wait_ms, "max_user_wait_ms")
-        require(self.max_user_wait_ms >= 0, "max_user_wait_ms", f"must be >= 0, got {self.max_user_wait_ms}")
+        if not (self.max_user_wait_ms >= 0):
+            raise PlanningError(f"max_user_wait_ms: must be >= 0, got {self.max_user_wait_ms}")
         if self.ttft_p95_ms is not None:
             require_finite(self.ttft_p95_ms, "ttft_p95_ms")
-            require(self.ttft_p95_ms >= 0, "ttft_p95_ms", f"must be >= 0, got {self.ttft_p95_ms}")
+            if not (self.ttft_p95_ms >= 0):
+                raise PlanningError(f"ttft_p95_ms: must be >= 0, got {self.ttft_p95_ms}")
         for name in (
             "num_user_running",
             "num_user_waiting",
@@ -106,9 +115,11 @@ class JobDemand:
     def __post_init__(self) -> None:
         require(isinstance(self.job_id, str) and self.job_id != "", "job_id", "must be a non-empty string")
         require_finite(self.idle_s, "idle_s")
-        require(self.idle_s >= 0, "idle_s", f"must be >= 0, got {self.idle_s}")
+        if not (self.idle_s >= 0):
+            raise PlanningError(f"idle_s: must be >= 0, got {self.idle_s}")
         require_finite(self.weight, "weight")
-        require(self.weight > 0, "weight", f"must be > 0, got {self.weight}")
+        if not (self.weight > 0):
+            raise PlanningError(f"weight: must be > 0, got {self.weight}")
         require_count(self.num_step_tokens, "num_step_tokens")
         require(self.num_step_tokens > 0, "num_step_tokens", "must be > 0")
         require_count(self.num_probe_slots, "num_probe_slots")
@@ -155,7 +166,8 @@ class SlotOccupancy:
 
     def __post_init__(self) -> None:
         require_count(self.slot_id, "slot_id")
-        require(isinstance(self.kind, SlotKind), "kind", f"must be a SlotKind, got {self.kind!r}")
+        if not isinstance(self.kind, SlotKind):
+            raise PlanningError(f"kind: must be a SlotKind, got {self.kind!r}")
         require(isinstance(self.owner, str) and self.owner != "", "owner", "must be a non-empty string")
         require_count(self.num_in_flight, "num_in_flight")
         require_finite(self.last_used_s, "last_used_s")

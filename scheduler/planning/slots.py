@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from scheduler.planning.records import (
     JobStatus,
+    PlanningError,
     ServingDemand,
     SlotKind,
     SlotOccupancy,
@@ -86,7 +87,8 @@ def _validate(
     slot_ids = [slot.slot_id for slot in occupancy]
     require(len(set(slot_ids)) == len(slot_ids), "occupancy", "a slot_id appears twice")
     for slot_id in slot_ids:
-        require(slot_id < num_slots, "occupancy", f"slot_id {slot_id} >= num_slots {num_slots}")
+        if slot_id >= num_slots:
+            raise PlanningError(f"occupancy: slot_id {slot_id} >= num_slots {num_slots}")
     serving_keys = [slot.owner for slot in occupancy if slot.kind is SlotKind.SERVING]
     require(len(set(serving_keys)) == len(serving_keys), "occupancy", "an adapter_key is resident twice")
     demand_keys = [demand.adapter_key for demand in serving_demands]

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from scheduler.adapter_host import SlotPool
 from scheduler.coscheduler import CoScheduler, CoSchedulerConfig
 
 
-def _make(target_ttft_ms: float = 100.0, max_tokens: int = 4000, chunk_tokens: int = 100) -> tuple[CoScheduler, SlotPool]:
+def _make(
+    target_ttft_ms: float = 100.0, max_tokens: int = 4000, chunk_tokens: int = 100, ttft_window_s: float = 5.0
+) -> tuple[CoScheduler, SlotPool]:
     pool = SlotPool((1, 2, 3, 4, 5, 6))
-    config = CoSchedulerConfig(target_ttft_ms=target_ttft_ms, max_tokens_in_flight=max_tokens, chunk_tokens=chunk_tokens)
+    config = CoSchedulerConfig(
+        target_ttft_ms=target_ttft_ms, max_tokens_in_flight=max_tokens, chunk_tokens=chunk_tokens,
+        ttft_window_s=ttft_window_s,
+    )
     co = CoScheduler(config, pool, (1, 2, 3, 4, 5, 6), list)
     return co, pool
 
@@ -197,3 +204,23 @@ async def test_a_job_short_of_slots_held_by_busy_served_adapters_does_not_stall_
         assert done["big"] == 3 and pool.num_free == 6 - len(served)
     finally:
         await co.stop()
+
+
+async def test_the_measured_ttft_follows_new_samples_and_forgets_old_ones():
+    """Rounds reuse the window's p95 while no sample came or left: it must still move when one does."""
+    co, _ = _make(target_ttft_ms=50.0, ttft_window_s=0.3)
+    co.plan_once()
+    assert co.latest_record.measured_ttft_ms is None
+    for _ in range(5):
+        co._record_ttft(0.02)
+    co.plan_once()
+    assert co.latest_record.measured_ttft_ms == pytest.approx(20.0)
+    co._record_ttft(0.4)  # one slow first token: the p95 of six samples is the slowest
+    co.plan_once()
+    assert co.latest_record.measured_ttft_ms == pytest.approx(400.0)
+    await asyncio.sleep(0.35)  # every sample ages out of the window
+    co.plan_once()
+    assert co.latest_record.measured_ttft_ms is None
+    co._record_ttft(0.03)
+    co.plan_once()
+    assert co.latest_record.measured_ttft_ms == pytest.approx(30.0)
