@@ -6,9 +6,9 @@ event loop that user requests wait behind. This times rounds over a fixed state 
 together phase: 15 slots (three served adapters' double buffers + two more, two jobs holding two probe slots
 each), eight users decoding, 250 first-token samples in the window, four chunks waiting each round.
 
-    .venv/bin/python bench/planner_round.py [--rounds 3000] [--repeats 5]
+    .venv/bin/python bench/planner_round.py [--rounds 3000] [--repeats 5] [--json]
 
-Prints one JSON line: microseconds per round, the median and the spread of the repeats.
+Prints microseconds per round, the median and the spread of the repeats (with --json, as a JSON last line).
 """
 
 from __future__ import annotations
@@ -74,12 +74,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     runs = [asyncio.run(_round_us(args.rounds)) for _ in range(args.repeats)]
-    print(json.dumps({
-        "benchmark": "planner_round", "rounds": args.rounds, "round_us_median": statistics.median(runs),
-        "round_us_min": min(runs), "round_us_max": max(runs),
-    }))
+    print(f"co-scheduler round: {statistics.median(runs):.0f} us median over {args.repeats} repeats of "
+          f"{args.rounds} rounds (min {min(runs):.0f}, max {max(runs):.0f})")
+    if args.json:
+        print(json.dumps({
+            "benchmark": "planner_round", "rounds": args.rounds, "round_us_median": statistics.median(runs),
+            "round_us_min": min(runs), "round_us_max": max(runs),
+        }))
 
 
 if __name__ == "__main__":
