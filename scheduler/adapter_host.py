@@ -20,7 +20,6 @@ from pathlib import Path
 from adapters_store import AdapterNotFound, AdapterState, AdapterStore, HeadConflict, VersionRecord
 from scheduler.direction_artifacts import MissingArtifact, artifact_hparam
 from scheduler.engine.binding import EngineBinding
-from scheduler.aio import gather_or_cancel
 from scheduler.engine_step import StepOutcome, apply_outcome
 from scheduler.errors import AdapterNotServed, NoCapacity
 from scheduler.replay import applier_for, record_hparams
@@ -215,8 +214,13 @@ class AdapterHost:
         writes = [apply_outcome(self.binding, adapter.name, outcome)]
         if target is not None:
             writes.append(self.binding.write_state(adapter.name, target))
-        await gather_or_cancel(writes)  # in this order: the update first
+        # In this order: the update first. A failed buffer write must not cost the update its commit.
+        applied, *written = await asyncio.gather(*writes, return_exceptions=True)
+        if isinstance(applied, BaseException):
+            raise applied
         committed = await self._commit(adapter, outcome, method, hyper)
+        if written and isinstance(written[0], BaseException):
+            raise written[0]
         if committed and target is not None:
             self.serving.mark_published(adapter.name, target, adapter.head)
         elif committed:  # the idle buffer still had requests in flight: publish when it can be written

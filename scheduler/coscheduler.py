@@ -308,8 +308,9 @@ class CoScheduler:
         return tuple(slots), tuple(self._pinned_demand(owner) for owner in owners)
 
     def _occupied(self, slot: int, kind: SlotKind, owner: str, in_flight: int, now: float) -> SlotOccupancy:
-        """The slot's record, the one of an earlier round while nothing in it changed (`last_used_s`: when it
-        last changed)."""
+        """The slot's record: an earlier round's while its owner and requests in flight are the same. Its
+        `last_used_s` is when that state was first seen; no LRU order reads it here (every serving slot is
+        pinned for the planner, and probe slots are never evicted by age)."""
         key = (slot, kind, owner, in_flight)
         record = self._occupancy.get(key)
         if record is None:
