@@ -21,8 +21,9 @@ import statistics
 import time
 
 from scheduler.adapter_host import SlotPool
-from scheduler.coscheduler import CoScheduler, UserRequestHandle
+from scheduler.coscheduler import CoScheduler, UserRequestHandle, _Chunk
 from scheduler.coscheduler_config import CoSchedulerConfig
+from scheduler.planning import ChunkRequest
 
 
 async def _round_us(num_rounds: int) -> float:
@@ -63,10 +64,7 @@ async def _round_us(num_rounds: int) -> float:
             await step.__aexit__(None, None, None)
 
 
-def _chunk(request_id: int, job_id: str):
-    from scheduler.coscheduler import _Chunk
-    from scheduler.planning import ChunkRequest
-
+def _chunk(request_id: int, job_id: str) -> _Chunk:
     return _Chunk(ChunkRequest(request_id, job_id, 128))
 
 

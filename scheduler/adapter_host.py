@@ -20,7 +20,7 @@ from pathlib import Path
 from adapters_store import AdapterNotFound, AdapterState, AdapterStore, HeadConflict, VersionRecord
 from scheduler.direction_artifacts import MissingArtifact, artifact_hparam
 from scheduler.engine.binding import EngineBinding
-from scheduler.engine_step import StepOutcome, apply_outcome
+from scheduler.engine_step import StepOutcome
 from scheduler.errors import AdapterNotServed, NoCapacity
 from scheduler.replay import applier_for, record_hparams
 from scheduler.serving import ServingLease, ServingTable
@@ -211,7 +211,7 @@ class AdapterHost:
         store head is reloaded and published instead.
         """
         target = self.serving.publish_target(adapter.name)
-        writes = [apply_outcome(self.binding, adapter.name, outcome)]
+        writes = [self.binding.apply_step(adapter.name, outcome.step, outcome.seeds, outcome.coeffs, outcome.lr)]
         if target is not None:
             writes.append(self.binding.write_state(adapter.name, target))
         # In this order: the update first. A failed buffer write must not cost the update its commit.

@@ -192,36 +192,11 @@ async def run_engine_step(
     salt: str,
     priority: int = PROBE_PRIORITY,
     gate: ChunkGate | None = None,
+    apply: bool = True,
 ) -> StepOutcome:
-    """One whole step: scored (`score_engine_step`), then applied to the worker's master state of `key`."""
-    outcome = await score_engine_step(
-        binding, key, data, method, lr, job_seed=job_seed, step=step, batch_size=batch_size, slots=slots,
-        salt=salt, priority=priority, gate=gate,
-    )
-    await apply_outcome(binding, key, outcome)
-    return outcome
-
-
-def apply_outcome(binding: EngineBinding, key: str, outcome: StepOutcome):
-    """The worker's update of `key` by a scored step (an awaitable: the engine call)."""
-    return binding.apply_step(key, outcome.step, outcome.seeds, outcome.coeffs, outcome.lr)
-
-
-async def score_engine_step(
-    binding: EngineBinding,
-    key: str,
-    data: EncodedDataset | EncodedReward,
-    method: ZoMethod,
-    lr: float,
-    *,
-    job_seed: int,
-    step: int,
-    batch_size: int,
-    slots: Sequence[int],
-    salt: str,
-    priority: int = PROBE_PRIORITY,
-    gate: ChunkGate | None = None,
-) -> StepOutcome:
+    """One step of `key`: scored, then applied to the worker's master state. With `apply=False` the update
+    (`EngineBinding.apply_step` from the outcome) is left to the caller: the job loop sends it together with
+    the serving buffer's write (`AdapterHost.apply_and_commit`)."""
     started = time.perf_counter()
     batch = batch_indices(job_seed, step, batch_size, len(data))
     seeds = method.perturbation.seeds_for_step(job_seed, step, method.num_directions)
@@ -243,6 +218,8 @@ async def score_engine_step(
         losses += tuple(result.loss for result in results)
         num_sequences += len(round_slots) * len(sequences)
     record = finish_step(method, seeds, losses, lr)
+    if apply:  # before the outcome, so that its duration counts the update
+        await binding.apply_step(key, step, seeds.as_tuple(), record.coeffs, record.lr)
     return step_outcome(
         method, step=step, seeds=seeds, batch=batch, data=data, sequences=sequences, losses=losses,
         record=record, num_sequences=num_sequences, started=started,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from scheduler.engine.binding import PROBE_PRIORITY
-from scheduler.engine_step import ChunkGate, score_batches, score_engine_step, work_tokens
+from scheduler.engine_step import ChunkGate, run_engine_step, score_batches, work_tokens
 from scheduler.errors import InvalidJobSpec, NoCapacity
 from scheduler.job_artifacts import job_artifacts, method_and_wire
 from scheduler.job_journal import JobProgress
@@ -224,10 +224,10 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
             tokens = estimate(run.data, spec.batch_size, num_probes)
             paused = lambda: not run.resume.is_set()  # noqa: E731
             async with runtime.coscheduler.step(run.id, spec.weight, tokens, num_probes, paused) as lease:
-                outcome = await score_engine_step(
+                outcome = await run_engine_step(
                     binding, adapter.name, run.data, method, hyper.lr, job_seed=spec.seed, step=run.step,
                     batch_size=spec.batch_size, slots=lease.slot_ids, salt=f"probe:{run.id}@{adapter.head}",
-                    gate=lease.gate,
+                    gate=lease.gate, apply=False,
                 )
             applying = time.perf_counter()
             version = await host.apply_and_commit(adapter, outcome, method, hyper)

@@ -19,7 +19,7 @@ import torch
 from adapters_store import open_store
 from scheduler.adapter_host import AdapterHost, LoadedAdapter, SlotPool
 from scheduler.datasets import load_sst2
-from scheduler.engine_step import score_engine_step
+from scheduler.engine_step import run_engine_step
 from scheduler.objectives import ClassificationObjective
 from scheduler.zo.lora_layout import LoraShape
 from scheduler.zo.methods import build_method, hyper_items, parse_hyper
@@ -44,9 +44,9 @@ class Training:
         return self.adapter.name
 
     async def step(self) -> int:
-        outcome = await score_engine_step(
+        outcome = await run_engine_step(
             self.engine, self.name, self.data, self.method, self.hyper.lr, job_seed=4, step=self.adapter.head,
-            batch_size=4, slots=self.probe_slots, salt=f"probe:{self.name}@{self.adapter.head}",
+            batch_size=4, slots=self.probe_slots, salt=f"probe:{self.name}@{self.adapter.head}", apply=False,
         )
         return await self.host.apply_and_commit(self.adapter, outcome, self.method, self.hyper)
 
