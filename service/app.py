@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None, binding: EngineBinding | None =
                 # event loop that serves users and steps jobs.
                 gc.collect()
                 gc.freeze()
+                await engine.freeze_heap()  # the same for the process the model runs in
             app.state.ready = True
             yield
         finally:

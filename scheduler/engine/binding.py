@@ -195,6 +195,17 @@ class EngineBinding:
         """The GIL switch interval of the process the model runs in; sets it first when given."""
         return await self._rpc("zo_switch_interval", seconds)
 
+    async def freeze_heap(self) -> tuple[int, int]:
+        """Freeze the model process's heap once start-up is over (worker_extension.zo_freeze_heap); returns
+        (frozen objects, objects left in its old generation)."""
+        frozen, old = await self._rpc("zo_freeze_heap")
+        return int(frozen), int(old)
+
+    async def gc_counts(self) -> tuple[int, int]:
+        """(frozen objects, objects in the old generation) of the process the model runs in."""
+        frozen, old = await self._rpc("zo_gc_counts")
+        return int(frozen), int(old)
+
     async def lora_ops(self) -> tuple[str, ...]:
         """zoserve's CPU LoRA ops running in the model's process (engine/worker_extension.py)."""
         return tuple(await self._rpc("zo_lora_ops"))
