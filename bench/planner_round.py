@@ -21,9 +21,10 @@ import statistics
 import time
 
 from scheduler.adapter_host import SlotPool
-from scheduler.coscheduler import CoScheduler, UserRequestHandle, _Chunk
+from scheduler.coscheduler import CoScheduler, _Chunk
 from scheduler.coscheduler_config import CoSchedulerConfig
 from scheduler.planning import ChunkRequest
+from scheduler.user_latency import UserRequestHandle
 
 
 async def _round_us(num_rounds: int) -> float:
@@ -35,10 +36,10 @@ async def _round_us(num_rounds: int) -> float:
     co = CoScheduler(CoSchedulerConfig(target_ttft_ms=22.0), pool, slot_ids, lambda: serving)
     now = time.monotonic()
     for i in range(250):
-        co._ttfts.append((now - i * 0.02, rng.random() * 40.0))
+        co.users.record_ttft(rng.random() * 0.040, at_s=now - i * 0.02)
     for i in range(8):
         handle = UserRequestHandle(29, started_s=now - 0.1, first_token_s=now, num_output_tokens=8)
-        co._user_handles[i] = handle
+        co.users.add(handle)
     steps = []
     for job_id, weight in (("zo-w1", 1.0), ("zo-w2", 2.0)):  # each job's step granted: two probe slots
         step = co.step(job_id, weight, 1200, 2)

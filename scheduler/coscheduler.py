@@ -17,33 +17,28 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from scheduler.adapter_host import SlotPool
 from scheduler.coscheduler_config import CoSchedulerConfig, CoSchedulerSnapshot
-from scheduler.probe_cap_control import ProbeCapControl
 from scheduler.planning import (
     ChunkRequest,
     JobDemand,
-    LatencySignal,
     PlannerConfig,
     PlannerRecord,
     RoundObservation,
-    ServingDemand,
-    SlotKind,
-    SlotOccupancy,
     StepGrant,
     initial_planner_state,
-    percentile_ms,
     plan_round,
     refund_step,
 )
+from scheduler.probe_cap_control import ProbeCapControl
+from scheduler.slot_records import SlotRecords
+from scheduler.user_latency import UserLatency, UserRequestHandle
 
 log = logging.getLogger(__name__)
-_RECORD_CACHE_SIZE = 1024  # slot and serving records kept for reuse across rounds
 
 
 @dataclass
@@ -97,28 +92,6 @@ class StepLease:
     gate: TokenGate
 
 
-@dataclass
-class UserRequestHandle:
-    num_prompt_tokens: int
-    started_s: float = field(default_factory=time.monotonic)
-    first_token_s: float | None = None
-    num_output_tokens: int = 0
-    _owner: CoScheduler | None = None
-
-    def first_token(self) -> None:
-        if self.first_token_s is None:
-            self.first_token_s = time.monotonic()
-            if self._owner is not None:
-                self._owner._record_ttft(self.first_token_s - self.started_s)
-
-    def add_output_tokens(self, count: int) -> None:
-        self.num_output_tokens += count
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_s is None else self.first_token_s - self.started_s
-
-
 class CoScheduler:
     def __init__(
         self,
@@ -135,7 +108,7 @@ class CoScheduler:
         self.config = config
         self._pool = pool
         self._slot_ids = slot_ids
-        self._index = {slot: i for i, slot in enumerate(slot_ids)}
+        self._slot_records = SlotRecords(slot_ids)
         self._serving_slots = serving_slots
         self._reclaim_slot = reclaim_slot
         self.probe_cap = probe_cap
@@ -152,16 +125,8 @@ class CoScheduler:
         self._chunk_ids = itertools.count()
         self._chunks_waiting: dict[int, _Chunk] = {}  # insertion order = FIFO
         self._chunks_in_flight: dict[int, int] = {}  # request id → tokens
-        self._user_handles: dict[int, UserRequestHandle] = {}
-        self._last_user_arrival_s: float | None = None
-        self._ttfts: deque[tuple[float, float]] = deque(maxlen=4096)  # (time, ms)
-        # A round runs at every event (hundreds a second with users and jobs): what has not changed since the
-        # last round is reused rather than rebuilt.
-        self._ttft_changes = 0  # samples added or aged out so far
-        self._ttft_p95: tuple[int, float | None] = (-1, None)  # (_ttft_changes when computed, p95 ms)
-        self._occupancy: dict[tuple, SlotOccupancy] = {}  # (slot, kind, owner, in flight) → its record
-        self._serving_demands: dict[str, ServingDemand] = {}
         self._wake = asyncio.Event()
+        self.users = UserLatency(config.ttft_window_s, on_change=self._wake.set)
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.latest_record: PlannerRecord | None = None
@@ -171,16 +136,14 @@ class CoScheduler:
         return self._state.controller.budget_tokens
 
     def snapshot(self) -> CoSchedulerSnapshot:
-        handles = list(self._user_handles.values())
-        waiting = sum(1 for h in handles if h.first_token_s is None)
-        recent = [ms for t, ms in self._ttfts if t >= time.monotonic() - self.config.ttft_window_s]
+        waiting, running = self.users.counts()
         return CoSchedulerSnapshot(
             num_probe_slots=sum(len(held) for _, held in self._in_flight.values()),
             num_steps_waiting=sum(1 for d in self._waiting.values() if not d.granted.done()),
             num_steps_in_flight=len(self._in_flight),
             num_user_waiting=waiting,
-            num_user_running=len(handles) - waiting,
-            ttft_p95_ms=percentile_ms(recent, 0.95) if recent else None,
+            num_user_running=running,
+            ttft_p95_ms=self.users.recent_p95_ms(time.monotonic()),
             num_probe_tokens_in_flight=sum(self._chunks_in_flight.values()),
             num_chunks_waiting=len(self._chunks_waiting),
         )
@@ -199,21 +162,9 @@ class CoScheduler:
     # ----------------------------------------------------------------- user side
     @asynccontextmanager
     async def user_request(self, num_prompt_tokens: int) -> AsyncIterator[UserRequestHandle]:
-        handle = UserRequestHandle(num_prompt_tokens, _owner=self)
-        key = id(handle)
-        self._user_handles[key] = handle
-        self._last_user_arrival_s = handle.started_s
-        self._wake.set()
-        try:
+        """A user request from arrival to its end; the handle's `first_token()` feeds the latency signal."""
+        with self.users.track(num_prompt_tokens) as handle:
             yield handle
-        finally:
-            self._user_handles.pop(key, None)
-            self._wake.set()
-
-    def _record_ttft(self, seconds: float) -> None:
-        self._ttfts.append((time.monotonic(), seconds * 1000.0))
-        self._ttft_changes += 1
-        self._wake.set()
 
     # ----------------------------------------------------------------- job side
     @asynccontextmanager
@@ -268,68 +219,10 @@ class CoScheduler:
         self._wake.set()
 
     # ----------------------------------------------------------------- the loop
-    def _latency(self, now: float) -> LatencySignal:
-        while self._ttfts and self._ttfts[0][0] < now - self.config.ttft_window_s:
-            self._ttfts.popleft()
-            self._ttft_changes += 1
-        if self._ttft_p95[0] != self._ttft_changes:
-            p95 = percentile_ms([ms for _, ms in self._ttfts], 0.95) if self._ttfts else None
-            self._ttft_p95 = (self._ttft_changes, p95)
-        handles = list(self._user_handles.values())
-        waiting = [h for h in handles if h.first_token_s is None]
-        return LatencySignal(
-            ttft_p95_ms=self._ttft_p95[1],
-            num_user_running=len(handles) - len(waiting),
-            num_user_waiting=len(waiting),
-            num_user_tokens_in_flight=sum(h.num_prompt_tokens + h.num_output_tokens for h in handles),
-            seconds_since_user_arrival_s=(
-                None if self._last_user_arrival_s is None else max(0.0, now - self._last_user_arrival_s)
-            ),
-            max_user_wait_ms=max(((now - h.started_s) * 1000.0 for h in waiting), default=0.0),
-        )
-
-    def _slot_table(self, now: float) -> tuple[tuple[SlotOccupancy, ...], tuple[ServingDemand, ...]]:
-        probe = {slot: job_id for job_id, (_, held) in self._in_flight.items() for slot in held}
-        serving = {slot: (owner, in_flight) for slot, owner, in_flight in self._serving_slots()}
-        free = set(self._pool.free_slots())
-        slots = []
-        for slot in self._slot_ids:
-            if slot in free:
-                continue
-            if slot in probe:
-                slots.append(self._occupied(slot, SlotKind.PROBE, probe[slot], 1, now))
-            elif slot in serving:
-                owner, in_flight = serving[slot]
-                slots.append(self._occupied(slot, SlotKind.SERVING, owner, in_flight, now))
-            else:  # taken by the adapter host and not registered yet: never hand it out (one owner per slot)
-                slots.append(self._occupied(slot, SlotKind.SERVING, f"__reserved__#{slot}", 1, now))
-        # Serving slots belong to the adapter host (it evicts idle adapters itself): pinned here.
-        owners = sorted({s.owner for s in slots if s.kind is SlotKind.SERVING})
-        return tuple(slots), tuple(self._pinned_demand(owner) for owner in owners)
-
-    def _occupied(self, slot: int, kind: SlotKind, owner: str, in_flight: int, now: float) -> SlotOccupancy:
-        """The slot's record: an earlier round's while its owner and requests in flight are the same. Its
-        `last_used_s` is when that state was first seen; no LRU order reads it here (every serving slot is
-        pinned for the planner, and probe slots are never evicted by age)."""
-        key = (slot, kind, owner, in_flight)
-        record = self._occupancy.get(key)
-        if record is None:
-            if len(self._occupancy) >= _RECORD_CACHE_SIZE:
-                self._occupancy.clear()
-            record = self._occupancy[key] = SlotOccupancy(self._index[slot], kind, owner, in_flight, now)
-        return record
-
-    def _pinned_demand(self, owner: str) -> ServingDemand:
-        demand = self._serving_demands.get(owner)
-        if demand is None:
-            if len(self._serving_demands) >= _RECORD_CACHE_SIZE:
-                self._serving_demands.clear()
-            demand = self._serving_demands[owner] = ServingDemand(owner, is_pinned=True)
-        return demand
-
     def _observation(self) -> RoundObservation:
         now = time.monotonic()
-        slots, serving = self._slot_table(now)
+        probe_owners = {slot: job_id for job_id, (_, held) in self._in_flight.items() for slot in held}
+        slots, serving = self._slot_records.table(probe_owners, self._serving_slots(), set(self._pool.free_slots()), now)
         jobs = [
             JobDemand(d.job_id, d.weight, d.num_tokens, d.num_slots, is_paused=d.is_paused())
             for d in self._waiting.values()
@@ -346,7 +239,7 @@ class CoScheduler:
         ]
         return RoundObservation(
             now_s=now,
-            latency=self._latency(now),
+            latency=self.users.signal(now),
             num_probe_tokens_in_flight=sum(self._chunks_in_flight.values()),
             jobs=tuple(jobs),
             slots=slots,

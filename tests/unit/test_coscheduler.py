@@ -78,7 +78,7 @@ async def test_slow_first_tokens_shrink_the_budget():
         async with co.user_request(10) as user, asyncio.timeout(10):  # a user is served while ZO runs
             user.first_token()
             for _ in range(4):
-                co._record_ttft(0.2)  # recent users' first tokens took 200 ms: 4x the target
+                co.users.record_ttft(0.2)  # recent users' first tokens took 200 ms: 4x the target
                 async with co.step("job-a", 1.0, 100, 2) as lease, lease.gate.admit(100):
                     await asyncio.sleep(0.3)
         assert co.latest_record.budget_tokens <= grown // 4
@@ -212,15 +212,15 @@ async def test_the_measured_ttft_follows_new_samples_and_forgets_old_ones():
     co.plan_once()
     assert co.latest_record.measured_ttft_ms is None
     for _ in range(5):
-        co._record_ttft(0.02)
+        co.users.record_ttft(0.02)
     co.plan_once()
     assert co.latest_record.measured_ttft_ms == pytest.approx(20.0)
-    co._record_ttft(0.4)  # one slow first token: the p95 of six samples is the slowest
+    co.users.record_ttft(0.4)  # one slow first token: the p95 of six samples is the slowest
     co.plan_once()
     assert co.latest_record.measured_ttft_ms == pytest.approx(400.0)
     await asyncio.sleep(0.35)  # every sample ages out of the window
     co.plan_once()
     assert co.latest_record.measured_ttft_ms is None
-    co._record_ttft(0.03)
+    co.users.record_ttft(0.03)
     co.plan_once()
     assert co.latest_record.measured_ttft_ms == pytest.approx(30.0)
