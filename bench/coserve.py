@@ -119,6 +119,9 @@ def print_summary(result: dict) -> None:
                 f"{which}: span {v['span_mean_ms']:.1f} ms, CPU {v['cpu']:.0%}, waiting for a core {v['runqueue_wait']:.0%}, "
                 f"blocked {v['blocked']:.0%}, GC {v['gc']:.1%}" for which, v in threads.items()
             ))
+        stalls = steps.get("gc_stalls")
+        if stalls:
+            print(f"engine GC stalls, {name:9s} {stalls['num_steps']} steps with > 2 ms in the collector, {stalls['gc_s']:.2f} s in all")
     for name in ("users", "zo", "together"):
         cpu = result["phases"][name]["cpu"]
         print(f"CPU s/s, {name:9s} " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())))

@@ -3,6 +3,10 @@
 A user waits for the forward in flight when it arrives, so the length of the steps that carry probe tokens
 next to decoding users is what ZO adds to time to first token; this splits each phase's steps into kinds and
 gives each kind's share of the time, its period (start to the next step's start) and what it carried.
+
+An `empty` step scheduled nothing: the engine had run out of work, and its period is mostly the wait for
+the next request (in the ZO-alone phase: the jobs' turnaround between two scoring rounds). `gc_stalls` counts
+the steps that spent over 2 ms in the engine process's garbage collector.
 """
 
 from __future__ import annotations
@@ -14,15 +18,16 @@ from scheduler.planning import percentile_ms
 
 from coserve_parts.windows import Windows
 
-KINDS = ("user_prefill", "decode_only", "decode_and_probes", "probes_only")
+KINDS = ("user_prefill", "decode_only", "decode_and_probes", "probes_only", "empty")
+GC_STALL_S = 0.002  # a step with more than this in the collector counts as a GC stall
 
 
-def step_kind(step: StepRecord) -> str | None:
+def step_kind(step: StepRecord) -> str:
     if step.num_user_prefills > 0:
         return "user_prefill"
     if step.user_tokens > 0:
         return "decode_and_probes" if step.probe_tokens > 0 else "decode_only"
-    return "probes_only" if step.probe_tokens > 0 else None
+    return "probes_only" if step.probe_tokens > 0 else "empty"
 
 
 def summarise_steps(steps: list[StepRecord], windows: Windows) -> dict:
@@ -52,7 +57,17 @@ def summarise_steps(steps: list[StepRecord], windows: Windows) -> dict:
             "user_tokens_mean": sum(s.user_tokens for s, _ in of_kind) / len(of_kind),
         }
     result["main_thread"] = main_thread_time([s for s, _ in inside])
+    result["gc_stalls"] = gc_stalls([s for s, _ in inside])
     return result
+
+
+def gc_stalls(steps: list[StepRecord]) -> dict | None:
+    """Steps that spent over `GC_STALL_S` in the collector: how many, and their seconds in it (None for a trace
+    without the GC column)."""
+    if not any(s.gc_s is not None for s in steps):
+        return None
+    stalls = [s.gc_s for s in steps if s.gc_s is not None and s.gc_s > GC_STALL_S]
+    return {"num_steps": len(stalls), "gc_s": sum(stalls)}
 
 
 def main_thread_time(steps: list[StepRecord]) -> dict | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,6 +82,24 @@ def test_phase_summary_splits_steps_by_kind_and_time():
     assert "user_prefill" not in summary
     # A window holding only the second half counts only its steps.
     assert summarise_steps(steps, Windows.of(10.2, t))["num_steps"] < 40
+
+
+def test_phase_summary_shows_the_engine_out_of_work_and_its_gc_stalls():
+    """ZO alone: a 20 ms probe step, then a step that scheduled nothing and the engine's 10 ms wait for the next
+    round (the jobs' turnaround), over and over; every fifth probe step spent 5 ms in the collector."""
+    steps, t = [], 10.0
+    for i in range(20):
+        steps.append(_step(t, 19.0, probe_tokens=900))
+        if i % 5 == 0:
+            steps[-1] = dataclasses.replace(steps[-1], gc_s=0.005)
+        steps.append(_step(t + 0.020, 0.3))
+        t += 0.030
+    steps.append(_step(t, 19.0, probe_tokens=900))
+    summary = summarise_steps(steps, Windows.of(10.0, t))
+    assert summary["empty"]["share_of_time"] == pytest.approx(1 / 3)
+    assert summary["probes_only"]["share_of_time"] == pytest.approx(2 / 3)
+    assert summary["gc_stalls"] == pytest.approx({"num_steps": 4, "gc_s": 0.020})
+    assert summarise_steps([_step(10.0 + i, 1.0, user_tokens=1) for i in range(3)], Windows.of(10.0, 13.0))["gc_stalls"] is None
 
 
 def test_phase_summary_over_several_windows_cuts_periods_at_each_windows_end():
