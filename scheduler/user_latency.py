@@ -84,20 +84,20 @@ class UserLatency:
         return waiting, len(self._handles) - waiting
 
     def recent_p95_ms(self, now: float) -> float | None:
-        recent = [ms for t, ms in self._ttfts if t >= now - self.window_s]
-        return percentile_ms(recent, 0.95) if recent else None
-
-    def signal(self, now: float) -> LatencySignal:
+        """p95 TTFT over the window ending at `now`; samples older than the window are dropped."""
         while self._ttfts and self._ttfts[0][0] < now - self.window_s:
             self._ttfts.popleft()
             self._num_changes += 1
         if self._p95[0] != self._num_changes:
             p95 = percentile_ms([ms for _, ms in self._ttfts], 0.95) if self._ttfts else None
             self._p95 = (self._num_changes, p95)
+        return self._p95[1]
+
+    def signal(self, now: float) -> LatencySignal:
         handles = list(self._handles.values())
         waiting = [h for h in handles if h.first_token_s is None]
         return LatencySignal(
-            ttft_p95_ms=self._p95[1],
+            ttft_p95_ms=self.recent_p95_ms(now),
             num_user_running=len(handles) - len(waiting),
             num_user_waiting=len(waiting),
             num_user_tokens_in_flight=sum(h.num_prompt_tokens + h.num_output_tokens for h in handles),

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from vllm.utils.gc_utils import freeze_gc_heap
 
 from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
 from scheduler.direction_artifacts import method_from_wire
@@ -157,9 +158,8 @@ class ZOWorkerExtension:
         caches, slot tensors) would otherwise be walked by every full collection, ~9 ms on this host, in the
         middle of an engine step that users wait behind. Those collections freed next to nothing (0–248
         objects each, timed in the co-serving benchmark)."""
-        gc.collect()
-        gc.freeze()
-        return gc.get_freeze_count(), len(gc.get_objects(generation=2))
+        freeze_gc_heap()  # vLLM's own start-up freeze: collects every generation, then freezes
+        return self.zo_gc_counts()
 
     def zo_gc_counts(self) -> tuple[int, int]:
         """(frozen objects, objects in the old generation) of the model's process."""

@@ -25,17 +25,26 @@ def require(ok: bool, field: str, message: str) -> None:
 # share the engine): each message is built only once a check has failed.
 
 
+def require_nonnegative(value: float, field: str) -> None:
+    if not value >= 0:
+        raise PlanningError(f"{field}: must be >= 0, got {value}")
+
+
 def require_count(value: int, field: str) -> None:
     # bool is an int subclass; a True where a count belongs is always a wiring bug.
     if not isinstance(value, int) or isinstance(value, bool):
         raise PlanningError(f"{field}: must be an int, got {value!r}")
-    if value < 0:
-        raise PlanningError(f"{field}: must be >= 0, got {value}")
+    require_nonnegative(value, field)
 
 
 def require_finite(value: float, field: str) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise PlanningError(f"{field}: must be a finite number, got {value!r}")
+
+
+def require_positive(value: float, field: str) -> None:
+    if not value > 0:
+        raise PlanningError(f"{field}: must be > 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -67,12 +76,10 @@ class LatencySignal:
             require_finite(self.seconds_since_user_arrival_s, "seconds_since_user_arrival_s")
             require(self.seconds_since_user_arrival_s >= 0, "seconds_since_user_arrival_s", "must be >= 0")
         require_finite(self.max_user_wait_ms, "max_user_wait_ms")
-        if not (self.max_user_wait_ms >= 0):
-            raise PlanningError(f"max_user_wait_ms: must be >= 0, got {self.max_user_wait_ms}")
+        require_nonnegative(self.max_user_wait_ms, "max_user_wait_ms")
         if self.ttft_p95_ms is not None:
             require_finite(self.ttft_p95_ms, "ttft_p95_ms")
-            if not (self.ttft_p95_ms >= 0):
-                raise PlanningError(f"ttft_p95_ms: must be >= 0, got {self.ttft_p95_ms}")
+            require_nonnegative(self.ttft_p95_ms, "ttft_p95_ms")
         for name in (
             "num_user_running",
             "num_user_waiting",
@@ -115,11 +122,9 @@ class JobDemand:
     def __post_init__(self) -> None:
         require(isinstance(self.job_id, str) and self.job_id != "", "job_id", "must be a non-empty string")
         require_finite(self.idle_s, "idle_s")
-        if not (self.idle_s >= 0):
-            raise PlanningError(f"idle_s: must be >= 0, got {self.idle_s}")
+        require_nonnegative(self.idle_s, "idle_s")
         require_finite(self.weight, "weight")
-        if not (self.weight > 0):
-            raise PlanningError(f"weight: must be > 0, got {self.weight}")
+        require_positive(self.weight, "weight")
         require_count(self.num_step_tokens, "num_step_tokens")
         require(self.num_step_tokens > 0, "num_step_tokens", "must be > 0")
         require_count(self.num_probe_slots, "num_probe_slots")
