@@ -58,18 +58,18 @@ def check_key(settings: Settings, key: str | None, scope: Scope) -> None:
     raise AuthError(401, "invalid API key")
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     check_key(request.app.state.settings, _bearer(request), Scope.ADMIN)
 
 
-def require_inference(request: Request) -> None:
+async def require_inference(request: Request) -> None:
     check_key(request.app.state.settings, _bearer(request), Scope.INFERENCE)
 
 
 def _requires_admin_unless(setting: str):
     """For /healthz, /readyz, /metrics: open when `setting` is true, else the admin key."""
 
-    def dependency(request: Request) -> None:
+    async def dependency(request: Request) -> None:
         settings: Settings = request.app.state.settings
         if not getattr(settings, setting):
             check_key(settings, _bearer(request), Scope.ADMIN)
@@ -77,6 +77,8 @@ def _requires_admin_unless(setting: str):
     return dependency
 
 
+# The checks are `async def` although they never await: FastAPI runs a plain `def` dependency in its thread
+# pool, a thread hop on every request (tests/unit/test_route_dependencies.py).
 # Routers take these as router-level dependencies, so no route of a plane can forget its check.
 AdminKey = Annotated[None, Depends(require_admin)]
 InferenceKey = Annotated[None, Depends(require_inference)]

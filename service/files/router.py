@@ -33,7 +33,7 @@ class FileList(BaseModel):
     data: list[FileOut]
 
 
-def file_store(request: Request) -> FileStore:
+async def file_store(request: Request) -> FileStore:
     return request.app.state.files
 
 
