@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import time
@@ -26,6 +25,7 @@ from service.auth import HealthAccess
 from service.errors import install_error_handlers
 from service.files.router import router as files_router
 from service.files.store import FileStore
+from service.heap import settle_heap
 from service.inference.router import router as inference_router
 from service.jobs.router import router as jobs_router
 from service.settings import Settings
@@ -104,13 +104,9 @@ def create_app(settings: Settings | None = None, binding: EngineBinding | None =
         try:
             await runtime.start()  # resumes the jobs a previous process left active
             refresher = asyncio.create_task(telemetry.refresh_forever(app.state, settings.metrics_refresh_s))
+            settle_heap(settings)  # this process's collector (service/heap.py)
             if settings.freeze_gc_heap:
-                # What vLLM's own server does after start-up: the engine, torch and the model leave a large
-                # heap of static objects that every full collection would otherwise walk, stalling the one
-                # event loop that serves users and steps jobs.
-                gc.collect()
-                gc.freeze()
-                await engine.freeze_heap()  # the same for the process the model runs in
+                await engine.freeze_heap()  # the same freeze for the process the model runs in
             app.state.ready = True
             yield
         finally:

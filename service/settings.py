@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # keeps the static cap.
     coscheduler_min_probe_tokens_per_step: int | None = Field(None, ge=0)
     freeze_gc_heap: bool = True  # gc.freeze() once started (as vLLM's server does): shorter full collections
+    # Generation-1 collections before a full one in this process (Python's own: 10); None keeps Python's.
+    # Fewer full collections, fewer stops of the event loop users share with the step loops (service/heap.py).
+    gc_full_collection_threshold: int | None = Field(1000, ge=1)
     # The CPU engine's OpenMP threads. None: every core but one, which stays with this process (HTTP, vLLM's
     # input/output processing, the step loops); on 2 cores that doubled user capacity and halved TTFT.
     cpu_threads: int | None = Field(None, ge=1)
