@@ -7,10 +7,10 @@ a collection stops it. Two settings bound those stops:
   large heap of static objects; frozen, no collection walks them again.
 - `gc_full_collection_threshold`: Python's third threshold, how many generation-1 collections come before a
   full one (Python's own: 10). A full collection walks everything created since the freeze; in the
-  co-serving benchmark with ZO jobs next to users the service ran 6 a minute, up to 38 ms each, and its
-  event loop fell more than 5 ms behind for 3.4 s a minute. At 1000 (one full collection every ~15 minutes
-  at that load), no full collection ran in a 4-minute run, the longest collection took 5.8 ms and the
-  loop's lags came to 1.3 s a minute (results/coserve.md, session 17). Cyclic garbage that reached the old
+  co-serving benchmark with ZO jobs next to users the service ran 4-8 a minute, the longest 15-38 ms (the
+  heap freeze leaves an old generation of thousands of objects, so Python's guard, wait until a quarter of
+  it is new, holds back little). At 1000 (one every 10-15 minutes at that load) none ran in any run, and the
+  longest collection took 5.4-8.6 ms (results/coserve.md, session 17). Cyclic garbage that reached the old
   generation waits that much longer to be freed.
 """
 
