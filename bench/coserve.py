@@ -89,6 +89,13 @@ def print_summary(result: dict) -> None:
         met = result["targets_met"].get(key)
         note = "" if met is None else (f"  (target {result['targets'][key]}: {'met' if met else 'MISSED'})")
         print(f"{key:20s} {_fmt(result[key])}{note}")
+    ab = result.get("ab_gate")
+    if ab:
+        for name in ("together", "together_b"):
+            print(f"A/B gate {name:10s} {ab['gate_tokens'][name]} tokens: user_ttft_p99_ratio {_fmt(ab['user_ttft_p99_ratio'][name])} "
+                  f"(rounds {', '.join(_fmt(r) for r in ab['user_ttft_p99_ratio_by_round'][name])}), "
+                  f"zo_steps_ratio {_fmt(ab['zo_steps_ratio'][name])} "
+                  f"(rounds {', '.join(_fmt(r) for r in ab['zo_steps_ratio_by_round'][name])})")
     print(f"diagnostic: TTFT p99 ratio over requests the load generator sent on time (<= {SENT_LATE_S * 1000:.0f} ms late): "
           f"{_fmt(result['user_ttft_p99_ratio_sent_on_time'])}")
     if len(result["user_ttft_p99_ratio_by_round"]) > 1:
@@ -192,6 +199,11 @@ def main() -> None:
         "--step-gate-tokens", type=_gate_arg, default=Settings().step_gate_tokens_with_users,
         help="probe tokens per engine step while users are present, or 'off' for vLLM's own scheduler",
     )
+    parser.add_argument(
+        "--ab-gate-tokens", type=int, default=None,
+        help="also run each round's together window at this per-step probe cap (phase 'together_b', same arrivals, "
+        "the two windows' order alternating by round): an A/B of the gate inside one run; figures under 'ab_gate'",
+    )
     parser.add_argument("--step-gate-prefill-tokens", type=int, default=None,
                         help="probe tokens in a step that carries a user's prefill (default: the service's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's per-step token budget (default: the service's)")
@@ -224,6 +236,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds-long phases: checks the wiring, measures nothing")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.ab_gate_tokens is not None:
+        if args.step_gate_tokens is None:
+            parser.error("--ab-gate-tokens needs the step gate (--step-gate-tokens N, not 'off')")
+        if args.min_probe_tokens_per_step is not None:
+            parser.error("--ab-gate-tokens and --min-probe-tokens-per-step both set the per-step cap; pick one")
+        if args.ab_gate_tokens < 0:
+            parser.error("--ab-gate-tokens must be >= 0")
     if args.smoke:
         args.calibrate_s, args.calibrate_warmup_s, args.calibrate_concurrency = 3.0, 1.0, 8
         args.min_phase_s = args.max_phase_s = 6.0

@@ -31,7 +31,7 @@ from coserve_parts.service import Service
 from coserve_parts.steps import load_steps
 from coserve_parts.summary import summarise
 from coserve_parts.ttft_path import join_paths, summarise_paths
-from coserve_parts.windows import Windows, merge_counts
+from coserve_parts.windows import Windows, merge_counts, together_windows
 
 
 @dataclass
@@ -135,8 +135,14 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
                     await resume_jobs(client, job_ids.values(), args.resume_settle_s)
                 print(f"phase zo: the two jobs alone{_round(round_index, args.rounds)} ...", flush=True)
                 await window("zo", zo_alone)
-                print(f"phase together: users and the two jobs{_round(round_index, args.rounds)} ...", flush=True)
-                await window("together", lambda: users("together", round_index))
+                for name, cap in together_windows(args.step_gate_tokens, args.ab_gate_tokens, round_index):
+                    if cap is not None:
+                        service.runtime.binding.gate_cap.write(cap)
+                    gate = "" if cap is None else f", gate {cap} tokens"
+                    print(f"phase {name}: users and the two jobs{gate}{_round(round_index, args.rounds)} ...", flush=True)
+                    await window(name, lambda name=name: users(name, round_index))
+                if args.ab_gate_tokens is not None:
+                    service.runtime.binding.gate_cap.write(args.step_gate_tokens)
 
             steps_by_job, job_states = {}, {}
             for adapter, weight in JOBS:
@@ -155,13 +161,14 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
             print(f"engine health check failed: {type(exc).__name__}: {exc}", flush=True)
             engine_healthy = False
     load.close()
+    user_phases = [name for name in ("users", "together", "together_b") if name in phases]
     return Raw(
         calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy, stalls,
         {phase: merge_counts(views) for phase, views in client_stats.items()},
-        {phase: cpu.view(phase) for phase in ("users", "zo", "together")},
-        {phase: stages.view(phases[phase]) for phase in ("users", "together")},
-        {phase: _paths(samples, stages, phase, phases[phase]) for phase in ("users", "together")},
-        cpu_by_window={phase: cpu.view_by_window(phase) for phase in ("users", "zo", "together")},
+        {phase: cpu.view(phase) for phase in phases},
+        {phase: stages.view(phases[phase]) for phase in user_phases},
+        {phase: _paths(samples, stages, phase, phases[phase]) for phase in user_phases},
+        cpu_by_window={phase: cpu.view_by_window(phase) for phase in phases},
     )
 
 
@@ -236,7 +243,11 @@ async def run(args) -> tuple[dict, Raw]:
         probe_lane=not args.no_probe_lane,
         batched_scoring=not args.no_batched_scoring,
         **({"worker_in_engine_core": args.worker_in_engine_core == "on"} if args.worker_in_engine_core else {}),
-        step_gate_tokens_with_users=args.step_gate_tokens,
+        # With an A/B of the gate, the static gate is the larger of the two and the shared cap word sets each
+        # together window's own (measure()).
+        step_gate_tokens_with_users=(
+            args.step_gate_tokens if args.ab_gate_tokens is None else max(args.step_gate_tokens, args.ab_gate_tokens)
+        ),
         **({"step_gate_tokens_with_user_prefill": args.step_gate_prefill_tokens}
            if args.step_gate_prefill_tokens is not None else {}),
     )

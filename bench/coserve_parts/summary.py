@@ -81,18 +81,22 @@ def _ttft_p99_ms(samples: list[UserSample], phase: str, windows: Windows) -> flo
     return _pct([s.ttft_s for s in samples if s.phase == phase and s.error is None and s.scheduled_s in windows], 99)
 
 
-def _ttft_p99_ratio(samples: list[UserSample], users: Windows, together: Windows) -> float | None:
-    return _ratio(_ttft_p99_ms(samples, "together", together), _ttft_p99_ms(samples, "users", users))
+def _ttft_p99_ratio(
+    samples: list[UserSample], users: Windows, together: Windows, phase: str = "together"
+) -> float | None:
+    return _ratio(_ttft_p99_ms(samples, phase, together), _ttft_p99_ms(samples, "users", users))
 
 
 def _zo_steps_ratio(steps_by_job: dict[str, tuple[float, list[dict]]], zo: Windows, together: Windows) -> float | None:
     return _ratio(zo_summary(steps_by_job, together)["steps_per_s"], zo_summary(steps_by_job, zo)["steps_per_s"])
 
 
-def ttft_p99_ratio_by_round(samples: list[UserSample], users: Windows, together: Windows) -> list[float | None]:
+def ttft_p99_ratio_by_round(
+    samples: list[UserSample], users: Windows, together: Windows, phase: str = "together"
+) -> list[float | None]:
     """Round k's together p99 TTFT / its users-alone p99: a ratio of two windows minutes apart at most, so a
     slow stretch of the machine that lands in one window moves one round's ratio, not every round's."""
-    return [_ttft_p99_ratio(samples, Windows.of(*a), Windows.of(*b)) for a, b in zip(users, together)]
+    return [_ttft_p99_ratio(samples, Windows.of(*a), Windows.of(*b), phase) for a, b in zip(users, together)]
 
 
 def zo_steps_ratio_by_round(
@@ -244,9 +248,44 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
             },
         },
     }
+    if "together_b" in raw.phases:
+        result["ab_gate"], result["phases"]["together_b"] = ab_gate_figures(args, raw, figures, users["ttft_p99_ms"])
+        result["phases"]["together_b"]["controller"] = controller_view(raw.phases["together_b"])
+        result["user_errors"] += result["phases"]["together_b"]["users"]["num_errors"]
     for name, by_window in raw.cpu_by_window.items():
         result["phases"][name]["cpu_by_round"] = by_window  # each window's own CPU and host steal, in order
     if raw.engine_steps:
         for name, windows in raw.phases.items():
             result["phases"][name]["engine_steps"] = summarise_steps(raw.engine_steps, windows)
     return result
+
+
+def ab_gate_figures(args, raw: Raw, figures: dict, users_ttft_p99_ms: float | None) -> tuple[dict, dict]:
+    """With `--ab-gate-tokens`: the ratios at each of the two per-step probe caps, each against the same
+    users-alone and ZO-alone windows (`together` at `--step-gate-tokens`, `together_b` at the A/B cap), and
+    the `together_b` phase's own summary."""
+    users_w, zo_w, b_w = raw.phases["users"], raw.phases["zo"], raw.phases["together_b"]
+    b_users = user_summary([s for s in raw.samples if s.phase == "together_b"], raw.phase_s)
+    b_users["ttft_stages"] = raw.ttft_stages_by_phase.get("together_b")
+    b_users["ttft_path"] = raw.ttft_paths_by_phase.get("together_b")
+    b_zo = zo_summary(raw.steps_by_job, b_w)
+    zo_alone = zo_summary(raw.steps_by_job, zo_w)
+    ab = {
+        "gate_tokens": {"together": args.step_gate_tokens, "together_b": args.ab_gate_tokens},
+        "user_ttft_p99_ratio": {
+            "together": figures["user_ttft_p99_ratio"], "together_b": _ratio(b_users["ttft_p99_ms"], users_ttft_p99_ms),
+        },
+        "user_ttft_p99_ratio_by_round": {
+            "together": figures["user_ttft_p99_ratio_by_round"],
+            "together_b": ttft_p99_ratio_by_round(raw.samples, users_w, b_w, "together_b"),
+        },
+        "zo_steps_ratio": {
+            "together": figures["zo_steps_ratio"], "together_b": _ratio(b_zo["steps_per_s"], zo_alone["steps_per_s"]),
+        },
+        "zo_steps_ratio_by_round": {
+            "together": figures["zo_steps_ratio_by_round"],
+            "together_b": zo_steps_ratio_by_round(raw.steps_by_job, zo_w, b_w),
+        },
+        "fair_share_error": {"together_b": b_zo["fair_share_error"]},
+    }
+    return ab, {"users": b_users, "zo": b_zo, "cpu": raw.cpu_by_phase.get("together_b")}

@@ -58,6 +58,16 @@ class Windows:
         return [[start, end] for start, end in self.spans]
 
 
+def together_windows(gate_tokens: int | None, ab_gate_tokens: int | None, round_index: int) -> list[tuple[str, int | None]]:
+    """A round's together windows and the per-step probe cap each runs at (None: the service's gate as it
+    is). With an A/B cap, `together` (at `gate_tokens`) and `together_b` (at `ab_gate_tokens`) on the same
+    arrivals, their order alternating by round so that neither always runs later in the round."""
+    if ab_gate_tokens is None:
+        return [("together", None)]
+    pair = [("together", gate_tokens), ("together_b", ab_gate_tokens)]
+    return pair if round_index % 2 == 0 else pair[::-1]
+
+
 def merge_counts(views: Iterable[dict]) -> dict:
     """One view from several windows' views of the same counters: sums, except maxima (`*_max_ms`) stay maxima."""
     merged: dict = {}

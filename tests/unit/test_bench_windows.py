@@ -168,3 +168,52 @@ def test_the_steal_peak_finds_a_burst_that_the_windows_average_hides():
     assert steal_peak_cores(rows, Windows.of(10.0, 15.0)) == 0.0  # the burst falls after this window
     assert steal_peak_cores(rows, Windows.of(30.0, 40.0)) is None
     assert steal_peak_cores([{"t": 11.0}, {"t": 11.25}], Windows.of(10.0, 20.0)) is None  # rows from before the field
+
+
+def test_an_ab_of_the_gate_runs_both_caps_each_round_in_alternating_order():
+    from coserve_parts.windows import together_windows
+
+    assert together_windows(256, None, 0) == [("together", None)]
+    assert together_windows(256, 128, 0) == [("together", 256), ("together_b", 128)]
+    assert together_windows(256, 128, 1) == [("together_b", 128), ("together", 256)]
+    assert together_windows(256, 128, 2) == together_windows(256, 128, 0)
+
+
+def test_ab_gate_figures_compare_each_cap_with_the_same_alone_windows():
+    from types import SimpleNamespace
+
+    from coserve_parts.load import UserSample
+    from coserve_parts.summary import ab_gate_figures
+
+    def sample(phase: str, at: float, ttft: float) -> UserSample:
+        return UserSample(phase, at, at, at + ttft, at + ttft + 0.1, 20, 16, None, None)
+
+    def steps(start: float, count: int) -> list[dict]:
+        return [{"time": start + i * 10.0 / count, "num_tokens": 10, "duration_s": 0.1} for i in range(count)]
+
+    phases = {  # round 2 runs together_b before together
+        "users": Windows.of(0.0, 10.0).add(40.0, 50.0),
+        "zo": Windows.of(10.0, 20.0).add(50.0, 60.0),
+        "together": Windows.of(20.0, 30.0).add(70.0, 80.0),
+        "together_b": Windows.of(30.0, 40.0).add(60.0, 70.0),
+    }
+    samples = [sample("users", t + i * 0.05, 0.010) for t in (1.0, 41.0) for i in range(100)]
+    samples += [sample("together", t + i * 0.05, 0.020) for t in (21.0, 71.0) for i in range(100)]
+    samples += [sample("together_b", 31.0 + i * 0.05, 0.012) for i in range(100)]
+    samples += [sample("together_b", 61.0 + i * 0.05, 0.014) for i in range(100)]
+    job = steps(10.0, 40) + steps(50.0, 40) + steps(20.0, 20) + steps(70.0, 20) + steps(30.0, 8) + steps(60.0, 12)
+    raw = SimpleNamespace(
+        phases=phases, samples=samples, steps_by_job={"job": (1.0, job)}, phase_s=20.0,
+        ttft_stages_by_phase={}, ttft_paths_by_phase={}, cpu_by_phase={},
+    )
+    args = SimpleNamespace(step_gate_tokens=256, ab_gate_tokens=128)
+    figures = {"user_ttft_p99_ratio": 2.0, "user_ttft_p99_ratio_by_round": [2.0, 2.0],
+               "zo_steps_ratio": 0.5, "zo_steps_ratio_by_round": [0.5, 0.5]}
+    ab, phase_b = ab_gate_figures(args, raw, figures, 10.0)
+    assert ab["gate_tokens"] == {"together": 256, "together_b": 128}
+    assert ab["user_ttft_p99_ratio"]["together"] == 2.0
+    assert ab["user_ttft_p99_ratio"]["together_b"] == pytest.approx(1.4, abs=0.01)  # p99 of 12 and 14 ms
+    assert ab["user_ttft_p99_ratio_by_round"]["together_b"] == pytest.approx([1.2, 1.4])
+    assert ab["zo_steps_ratio"]["together_b"] == pytest.approx(20 / 80)
+    assert ab["zo_steps_ratio_by_round"]["together_b"] == pytest.approx([0.2, 0.3])
+    assert phase_b["users"]["num_requests"] == 200 and phase_b["zo"]["steps_per_s"] == pytest.approx(1.0)
