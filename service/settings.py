@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     # Probe tokens one engine step may take while users are present (vLLM's scheduler holds the rest back
     # for a later step; planning/step_gate.py). None: no per-step gate, probes fill each forward up to
     # max_num_batched_tokens. The prefill figure applies to steps that carry a user's first forward.
-    step_gate_tokens_with_users: int | None = Field(256, ge=0)
+    # 192 against 256 inside single co-serving runs (bench/coserve.py --ab-gate-tokens): users' TTFT p99 next
+    # to ZO -9 % and -7 %, ZO steps -4 % and -0 % (results/coserve.md, session 17).
+    step_gate_tokens_with_users: int | None = Field(192, ge=0)
     step_gate_tokens_with_user_prefill: int = Field(0, ge=0)
     step_gate_user_memory_s: float = Field(2.0, ge=0)
     # Probe requests enter the engine one per event-loop turn, so user HTTP and streaming work on the one
