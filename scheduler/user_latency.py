@@ -56,8 +56,8 @@ class UserLatency:
     @contextmanager
     def track(self, num_prompt_tokens: int) -> Iterator[UserRequestHandle]:
         """A request from arrival to its end."""
-        handle = UserRequestHandle(num_prompt_tokens, _users=self)
-        self.add(handle)
+        handle = UserRequestHandle(num_prompt_tokens)
+        self.add(handle)  # which ties the handle to this tracker
         try:
             yield handle
         finally:

@@ -31,7 +31,7 @@ from coserve_parts.service import Service
 from coserve_parts.steps import load_steps
 from coserve_parts.summary import summarise
 from coserve_parts.ttft_path import join_paths, summarise_paths
-from coserve_parts.windows import Windows, merge_counts, together_windows
+from coserve_parts.windows import USER_PHASES, Windows, merge_counts, together_windows
 
 
 @dataclass
@@ -161,7 +161,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
             print(f"engine health check failed: {type(exc).__name__}: {exc}", flush=True)
             engine_healthy = False
     load.close()
-    user_phases = [name for name in ("users", "together", "together_b") if name in phases]
+    user_phases = [name for name in USER_PHASES if name in phases]
     return Raw(
         calibration, rate, duration, phases, samples, steps_by_job, runtime_rows, job_states, engine_healthy, stalls,
         {phase: merge_counts(views) for phase, views in client_stats.items()},

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from coserve_parts.load import UserSample
-from coserve_parts.windows import Windows
+from coserve_parts.windows import USER_PHASES, Windows
 
 
 def plot(path: Path, origin: float, phases: dict[str, Windows], samples: list[UserSample], steps_by_job, runtime_rows, window_s: float) -> None:
@@ -24,13 +24,13 @@ def plot(path: Path, origin: float, phases: dict[str, Windows], samples: list[Us
                 ax.axvspan(t0 - origin, t1 - origin, color=colors[name], zorder=0)
             ax_user.text((t0 + t1) / 2 - origin, 1.0, name, transform=ax_user.get_xaxis_transform(), ha="center", va="bottom")
 
-    ok = [s for s in samples if s.ttft_s is not None and s.phase in ("users", "together", "together_b")]
+    ok = [s for s in samples if s.ttft_s is not None and s.phase in USER_PHASES]
     xs = np.array([s.scheduled_s - origin for s in ok])
     ys = np.array([s.ttft_s * 1000.0 for s in ok])
     ax_user.scatter(xs, ys, s=3, color="0.6", alpha=0.5, label="TTFT (each request)")
     grid = np.arange(0.0, max(windows.end for windows in phases.values()) - origin, 1.0)
     p50, p99 = [], []
-    user_windows = [(t0 - origin, t1 - origin) for name in ("users", "together", "together_b") if name in phases for t0, t1 in phases[name]]
+    user_windows = [(t0 - origin, t1 - origin) for name in USER_PHASES if name in phases for t0, t1 in phases[name]]
     for t in grid:
         # Within the user window that holds t only: a window's first seconds do not average in the phase before.
         start = next((t0 for t0, t1 in user_windows if t0 <= t < t1), None)

@@ -149,14 +149,7 @@ def _meets(key: str, value) -> bool | None:
 
 
 def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
-    users = user_summary([s for s in raw.samples if s.phase == "users"], raw.phase_s)
-    together = user_summary([s for s in raw.samples if s.phase == "together"], raw.phase_s)
-    users["load_generator"] = raw.client_stats.get("users")
-    users["ttft_stages"] = raw.ttft_stages_by_phase.get("users")
-    together["load_generator"] = raw.client_stats.get("together")
-    together["ttft_stages"] = raw.ttft_stages_by_phase.get("together")
-    users["ttft_path"] = raw.ttft_paths_by_phase.get("users")
-    together["ttft_path"] = raw.ttft_paths_by_phase.get("together")
+    users, together = phase_users(raw, "users"), phase_users(raw, "together")
     zo_alone = zo_summary(raw.steps_by_job, raw.phases["zo"])
     zo_together = zo_summary(raw.steps_by_job, raw.phases["together"])
     user_tokens = sum(
@@ -249,7 +242,9 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
         },
     }
     if "together_b" in raw.phases:
-        result["ab_gate"], result["phases"]["together_b"] = ab_gate_figures(args, raw, figures, users["ttft_p99_ms"])
+        result["ab_gate"], result["phases"]["together_b"] = ab_gate_figures(
+            args, raw, figures, users["ttft_p99_ms"], zo_alone["steps_per_s"]
+        )
         result["phases"]["together_b"]["controller"] = controller_view(raw.phases["together_b"])
         result["user_errors"] += result["phases"]["together_b"]["users"]["num_errors"]
     for name, by_window in raw.cpu_by_window.items():
@@ -260,16 +255,24 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
     return result
 
 
-def ab_gate_figures(args, raw: Raw, figures: dict, users_ttft_p99_ms: float | None) -> tuple[dict, dict]:
+def phase_users(raw: Raw, phase: str) -> dict:
+    """A user phase's summary with the load generator's lags, the server's TTFT stages and the joined path."""
+    summary = user_summary([s for s in raw.samples if s.phase == phase], raw.phase_s)
+    summary["load_generator"] = raw.client_stats.get(phase)
+    summary["ttft_stages"] = raw.ttft_stages_by_phase.get(phase)
+    summary["ttft_path"] = raw.ttft_paths_by_phase.get(phase)
+    return summary
+
+
+def ab_gate_figures(
+    args, raw: Raw, figures: dict, users_ttft_p99_ms: float | None, zo_alone_steps_per_s: float
+) -> tuple[dict, dict]:
     """With `--ab-gate-tokens`: the ratios at each of the two per-step probe caps, each against the same
     users-alone and ZO-alone windows (`together` at `--step-gate-tokens`, `together_b` at the A/B cap), and
     the `together_b` phase's own summary."""
     users_w, zo_w, b_w = raw.phases["users"], raw.phases["zo"], raw.phases["together_b"]
-    b_users = user_summary([s for s in raw.samples if s.phase == "together_b"], raw.phase_s)
-    b_users["ttft_stages"] = raw.ttft_stages_by_phase.get("together_b")
-    b_users["ttft_path"] = raw.ttft_paths_by_phase.get("together_b")
+    b_users = phase_users(raw, "together_b")
     b_zo = zo_summary(raw.steps_by_job, b_w)
-    zo_alone = zo_summary(raw.steps_by_job, zo_w)
     ab = {
         "gate_tokens": {"together": args.step_gate_tokens, "together_b": args.ab_gate_tokens},
         "user_ttft_p99_ratio": {
@@ -280,7 +283,7 @@ def ab_gate_figures(args, raw: Raw, figures: dict, users_ttft_p99_ms: float | No
             "together_b": ttft_p99_ratio_by_round(raw.samples, users_w, b_w, "together_b"),
         },
         "zo_steps_ratio": {
-            "together": figures["zo_steps_ratio"], "together_b": _ratio(b_zo["steps_per_s"], zo_alone["steps_per_s"]),
+            "together": figures["zo_steps_ratio"], "together_b": _ratio(b_zo["steps_per_s"], zo_alone_steps_per_s),
         },
         "zo_steps_ratio_by_round": {
             "together": figures["zo_steps_ratio_by_round"],

@@ -58,6 +58,9 @@ class Windows:
         return [[start, end] for start, end in self.spans]
 
 
+USER_PHASES = ("users", "together", "together_b")  # the phases that carry user load (together_b: --ab-gate-tokens)
+
+
 def together_windows(gate_tokens: int | None, ab_gate_tokens: int | None, round_index: int) -> list[tuple[str, int | None]]:
     """A round's together windows and the per-step probe cap each runs at (None: the service's gate as it
     is). With an A/B cap, `together` (at `gate_tokens`) and `together_b` (at `ab_gate_tokens`) on the same

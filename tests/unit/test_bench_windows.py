@@ -204,12 +204,12 @@ def test_ab_gate_figures_compare_each_cap_with_the_same_alone_windows():
     job = steps(10.0, 40) + steps(50.0, 40) + steps(20.0, 20) + steps(70.0, 20) + steps(30.0, 8) + steps(60.0, 12)
     raw = SimpleNamespace(
         phases=phases, samples=samples, steps_by_job={"job": (1.0, job)}, phase_s=20.0,
-        ttft_stages_by_phase={}, ttft_paths_by_phase={}, cpu_by_phase={},
+        ttft_stages_by_phase={}, ttft_paths_by_phase={}, cpu_by_phase={}, client_stats={},
     )
     args = SimpleNamespace(step_gate_tokens=256, ab_gate_tokens=128)
     figures = {"user_ttft_p99_ratio": 2.0, "user_ttft_p99_ratio_by_round": [2.0, 2.0],
                "zo_steps_ratio": 0.5, "zo_steps_ratio_by_round": [0.5, 0.5]}
-    ab, phase_b = ab_gate_figures(args, raw, figures, 10.0)
+    ab, phase_b = ab_gate_figures(args, raw, figures, 10.0, 4.0)  # ZO alone: 80 steps in 20 s
     assert ab["gate_tokens"] == {"together": 256, "together_b": 128}
     assert ab["user_ttft_p99_ratio"]["together"] == 2.0
     assert ab["user_ttft_p99_ratio"]["together_b"] == pytest.approx(1.4, abs=0.01)  # p99 of 12 and 14 ms
