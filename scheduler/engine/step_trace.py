@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from vllm.v1.core.sched.request_queue import PriorityRequestQueue
+
 TRACE_ENV = "ZOSERVE_STEP_TRACE"
 COLUMNS = (
     "schedule_start_s", "schedule_end_s", "update_start_s", "update_end_s",
@@ -156,7 +158,7 @@ class StepTracer:
         num_user_prefills = sum(
             1 for new in output.scheduled_new_reqs if requests[new.req_id].priority < self._probe_priority
         )
-        num_user_waiting = sum(1 for request in waiting if request.priority < self._probe_priority)
+        num_user_waiting = _count_users_waiting(waiting, self._probe_priority)
         self._pending = (
             f"{start_s:.6f}\t{time.time():.6f}\t{{}}\t{{}}\t{probe_tokens}\t{num_probes}\t{user_tokens}\t"
             f"{num_user_prefills}\t{num_user_waiting}\t{len(waiting)}"
@@ -171,6 +173,23 @@ class StepTracer:
                 self._pending.format(f"{start_s:.6f}", f"{time.time():.6f}") + f"\t{cpu_s:.6f}\t{gc_s:.6f}\t{wait_s:.6f}\n"
             )
             self._pending = None
+
+
+def _count_users_waiting(waiting, probe_priority: int) -> int:
+    """The waiting requests that rank above the probes.
+
+    vLLM's priority queue iterates in priority order by popping a copy of its heap, each pop comparing
+    `Request`s in Python: counting every request costs ~40 µs a step with ~50 probes waiting, ~200 µs with
+    ~200. The users come first in that order, so the count stops at the first probe. Any other iterable (the
+    FCFS queue, a list) is counted in full."""
+    if not isinstance(waiting, PriorityRequestQueue):
+        return sum(1 for request in waiting if request.priority < probe_priority)
+    count = 0
+    for request in waiting:
+        if request.priority >= probe_priority:
+            break
+        count += 1
+    return count
 
 
 def read_step_trace(path: Path) -> list[StepRecord]:

@@ -51,6 +51,47 @@ def test_a_step_is_written_with_what_it_carried(monkeypatch, tmp_path):
     assert step_kind(step) == "user_prefill"
 
 
+class _Counted:
+    """A waiting request that counts how often the tracer reads its priority (vLLM's queue compares them too)."""
+
+    reads = 0
+
+    def __init__(self, priority: int, arrival: float) -> None:
+        self._priority, self.arrival = priority, arrival
+
+    @property
+    def priority(self) -> int:
+        _Counted.reads += 1
+        return self._priority
+
+    def __lt__(self, other) -> bool:
+        return (self._priority, self.arrival) < (other._priority, other.arrival)
+
+
+def test_users_waiting_are_counted_without_walking_the_probes_behind_them(monkeypatch, tmp_path):
+    """vLLM's priority queue pops a heap copy to iterate; the count stops at the first probe instead of sorting
+    every waiting probe each step. A plain iterable (vLLM's FCFS queue) is still counted in full."""
+    from vllm.v1.core.sched.request_queue import PriorityRequestQueue
+
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "core"))
+    tracer = StepTracer.from_env(PROBE)
+    queue = PriorityRequestQueue()
+    for i in range(200):
+        queue.add_request(_Counted(PROBE, float(i)))
+    for i in range(3):
+        queue.add_request(_Counted(0, 1000.0 + i))
+    _Counted.reads = 0
+    tracer.scheduled(1.0, _output({}, []), {}, queue)
+    tracer.updated(1.01)
+    assert _Counted.reads <= 4  # three users and the first probe, not 203 requests
+    unordered = [_Counted(PROBE, 0.0), _Counted(0, 1.0), _Counted(PROBE, 2.0), _Counted(0, 3.0)]
+    tracer.scheduled(2.0, _output({}, []), {}, unordered)
+    tracer.updated(2.01)
+    tracer.close()
+    steps = read_step_trace(next(tmp_path.glob("core.*.tsv")))
+    assert [(s.num_user_waiting, s.num_waiting) for s in steps] == [(3, 203), (2, 4)]
+
+
 def test_a_file_that_is_not_a_trace_is_refused(tmp_path):
     path = tmp_path / "x.tsv"
     path.write_text("a\tb\n1\t2\n")
