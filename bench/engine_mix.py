@@ -11,9 +11,10 @@ scheduling and output-update times added, and the users' completions and probe s
 for side-by-side comparisons of engine-side changes (run it once per variant, one after the other; the
 machine drifts, so repeat the pair). A setting the model process can change while it runs is compared in one
 run instead: `--ab-switch-interval S` alternates `--ab-window-s` windows at the GIL switch interval vLLM
-starts with and at S, and reports each variant over its own windows. `--user-think-s` pauses each user
-between requests (exponential, that mean), so users arrive at the engine while steps run, as in production,
-and the users' TTFT percentiles say what a change does to them.
+starts with and at S, and reports each variant over its own windows; `--ab-fast-paths` alternates windows with
+zoserve's vectorised per-step paths (scheduler/engine/cpu_fast_paths.py) and windows with vLLM's own.
+`--user-think-s` pauses each user between requests (exponential, that mean), so users arrive at the engine
+while steps run, as in production, and the users' TTFT percentiles say what a change does to them.
 
     .venv/bin/python bench/engine_mix.py --mode together --json
 """
@@ -136,25 +137,34 @@ async def run(args) -> dict:
             tasks += [asyncio.ensure_future(scorer(k)) for k in range(args.scorers)]
         await asyncio.sleep(args.warmup_s)
         variants = {"default": await binding.switch_interval()}
+        fast_paths = {"default": await binding.fast_paths()}
         if args.ab_switch_interval is not None:
             variants["ab"] = args.ab_switch_interval
+        if args.ab_fast_paths:
+            variants["ab"] = variants["default"]
+            fast_paths["ab"] = ()  # vLLM's own per-step paths
         spans: dict[str, list[tuple[float, float, dict, dict]]] = {name: [] for name in variants}
         end_at = time.monotonic() + args.seconds
         turn = 0
         while time.monotonic() < end_at:  # the variants take turns, so the machine's drift reaches both alike
             name = list(variants)[turn % len(variants)]
             await binding.switch_interval(variants[name])
+            if args.ab_fast_paths:
+                await binding.fast_paths(bool(fast_paths[name]))
             await asyncio.sleep(0.2)  # settle: the step running at the switch belongs to neither
             before, t0 = dict(counts), time.time()
             await asyncio.sleep(args.ab_window_s if len(variants) > 1 else args.seconds)
             spans[name].append((t0, time.time(), before, dict(counts)))
             turn += 1
         await binding.switch_interval(variants["default"])
+        if args.ab_fast_paths:
+            await binding.fast_paths(True)
         await asyncio.gather(*tasks)
     finally:
         binding.shutdown()
     records = load_steps(os.environ[TRACE_ENV])
-    result = {"benchmark": "engine_mix", "mode": args.mode, "switch_intervals": variants}
+    result = {"benchmark": "engine_mix", "mode": args.mode, "switch_intervals": variants,
+              "fast_paths": {name: list(fast_paths.get(name, fast_paths["default"])) for name in variants}}
     for name, windows in spans.items():
         measured = Windows(tuple((t0, t1) for t0, t1, _, _ in windows))
         steps = summarise_windows(records, measured)
@@ -190,13 +200,21 @@ def main() -> None:
         "--ab-switch-interval", type=float, default=None,
         help="A/B in one run: windows at the engine's default GIL switch interval take turns with windows at this one",
     )
+    parser.add_argument(
+        "--ab-fast-paths", action="store_true",
+        help="A/B in one run: windows with zoserve's vectorised per-step paths (engine/cpu_fast_paths.py) take "
+             "turns with windows running vLLM's own",
+    )
     parser.add_argument("--ab-window-s", type=float, default=2.0, help="length of each A/B window")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.ab_fast_paths and args.ab_switch_interval is not None:
+        parser.error("--ab-fast-paths and --ab-switch-interval are two different A/Bs: give one")
     result = asyncio.run(run(args))
     for name, interval in result["switch_intervals"].items():
         variant = result[name]
-        print(f"{name}: GIL switch interval {interval * 1e3:g} ms, {variant['seconds']:.0f} s measured")
+        paths = ", ".join(result["fast_paths"][name]) or "vLLM's own"
+        print(f"{name}: GIL switch interval {interval * 1e3:g} ms, per-step paths: {paths}, {variant['seconds']:.0f} s measured")
         for kind, row in variant["steps"].items():
             print(
                 f"  {kind:18s} {row['share_of_time']:4.0%} of time  period p50 {row['period_p50_ms']:.2f} ms  "

@@ -210,6 +210,11 @@ class EngineBinding:
         """zoserve's CPU LoRA ops running in the model's process (engine/worker_extension.py)."""
         return tuple(await self._rpc("zo_lora_ops"))
 
+    async def fast_paths(self, on: bool | None = None) -> tuple[str, ...]:
+        """vLLM's per-step paths the model's process runs in zoserve's vectorised form (engine/cpu_fast_paths.py);
+        `on` installs them or puts vLLM's own back first (A/B runs)."""
+        return tuple(await self._rpc("zo_fast_paths", on))
+
     def shutdown(self) -> None:
         self._engine.shutdown()
         if self.gate_cap is not None:

@@ -26,7 +26,7 @@ from vllm.utils.gc_utils import freeze_gc_heap
 
 from adapters_store.peft_format import PeftAdapterConfig, write_peft_dir
 from scheduler.direction_artifacts import method_from_wire
-from scheduler.engine import cpu_lora_dense, cpu_lora_ops
+from scheduler.engine import cpu_fast_paths, cpu_lora_dense, cpu_lora_ops
 from scheduler.zo.lora_layout import LoraLayout, LoraShape, TensorSpec
 from scheduler.zo.zo_step import (
     StepRecord,
@@ -44,9 +44,11 @@ except (AttributeError, RuntimeError):
     pass
 
 # This module is imported in the process that runs the model: swap in grouped CPU LoRA ops and, in front of
-# them, the dense pass over a step's adapters (each verified against vLLM's own first).
+# them, the dense pass over a step's adapters, and two vectorised per-step paths (each verified against vLLM's
+# own first).
 cpu_lora_ops.install()
 cpu_lora_dense.install()
+cpu_fast_paths.install()
 
 
 def tensors_to_wire(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -169,6 +171,16 @@ class ZOWorkerExtension:
         """Which of zoserve's CPU LoRA ops the model's process runs (each is installed only if it agrees
         with vLLM's own): "grouped" (cpu_lora_ops), "dense" (cpu_lora_dense)."""
         return [name for name, on in (("grouped", cpu_lora_ops.installed()), ("dense", cpu_lora_dense.installed())) if on]
+
+    def zo_fast_paths(self, on: bool | None = None) -> list[str]:
+        """Which of vLLM's per-step paths the model's process runs in zoserve's vectorised form
+        (engine/cpu_fast_paths.py; each is installed only if it agrees with vLLM's own); `on` installs them
+        or puts vLLM's own back first (A/B runs)."""
+        if on is True:
+            return cpu_fast_paths.install()
+        if on is False:
+            return cpu_fast_paths.uninstall()
+        return cpu_fast_paths.installed()
 
     def zo_slot_indices(self, lora_ids: Sequence[int]) -> list[int]:
         return [self._zo_slot_index(int(i)) for i in lora_ids]

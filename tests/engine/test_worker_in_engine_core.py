@@ -75,6 +75,29 @@ async def test_both_layouts_run_zoserves_lora_ops_in_the_model_process(engine, l
     assert await engine.lora_ops() == ("grouped", "dense")
 
 
+async def test_both_layouts_run_the_vectorised_per_step_paths_in_the_model_process(engine, layout_engine):
+    layout, _ = layout_engine
+    assert await layout.fast_paths() == ("lora_mapping", "logprob_token_ids")
+    assert await engine.fast_paths() == ("lora_mapping", "logprob_token_ids")
+
+
+async def test_scores_are_the_same_with_vllms_own_per_step_paths(layout_engine):
+    """bench/engine_mix.py --ab-fast-paths switches them off and on in the running engine: the scores of the
+    same sequences over several slots do not move (the unit tests compare the functions on random inputs)."""
+    layout, _ = layout_engine
+    slots = layout.slot_ids[:3]
+    try:
+        assert await layout.fast_paths(False) == ()
+        own = [await layout.score(SEQUENCES, slot, salt=f"own-{slot}") for slot in slots]
+    finally:
+        assert await layout.fast_paths(True) == ("lora_mapping", "logprob_token_ids")
+    fast = [await layout.score(SEQUENCES, slot, salt=f"fast-{slot}") for slot in slots]
+    worst = max(
+        abs(a - b) for x, y in zip(fast, own) for p, q in zip(x, y) for a, b in zip(p.logprobs, q.logprobs, strict=True)
+    )
+    assert worst < 1e-6
+
+
 def thread_nice_values(pid: int) -> set[int]:
     return {os.getpriority(os.PRIO_PROCESS, thread.id) for thread in psutil.Process(pid).threads()}
 
