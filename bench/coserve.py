@@ -89,10 +89,14 @@ def print_summary(result: dict) -> None:
         met = result["targets_met"].get(key)
         note = "" if met is None else (f"  (target {result['targets'][key]}: {'met' if met else 'MISSED'})")
         print(f"{key:20s} {_fmt(result[key])}{note}")
-    ab = result.get("ab_gate")
+    ab = result.get("ab_gate") or result.get("ab_fast_paths")
     if ab:
         for name in ("together", "together_b"):
-            print(f"A/B gate {name:10s} {ab['gate_tokens'][name]} tokens: user_ttft_p99_ratio {_fmt(ab['user_ttft_p99_ratio'][name])} "
+            if "gate_tokens" in ab:
+                variant = f"A/B gate {name:10s} {ab['gate_tokens'][name]} tokens"
+            else:
+                variant = f"A/B per-step paths {name:10s} {'zoserve' if ab['fast_paths'][name] else 'vLLM'}"
+            print(f"{variant}: user_ttft_p99_ratio {_fmt(ab['user_ttft_p99_ratio'][name])} "
                   f"(rounds {', '.join(_fmt(r) for r in ab['user_ttft_p99_ratio_by_round'][name])}), "
                   f"zo_steps_ratio {_fmt(ab['zo_steps_ratio'][name])} "
                   f"(rounds {', '.join(_fmt(r) for r in ab['zo_steps_ratio_by_round'][name])})")
@@ -204,6 +208,12 @@ def main() -> None:
         help="also run each round's together window at this per-step probe cap (phase 'together_b', same arrivals, "
         "the two windows' order alternating by round): an A/B of the gate inside one run; figures under 'ab_gate'",
     )
+    parser.add_argument(
+        "--ab-fast-paths", action="store_true",
+        help="also run each round's together window with vLLM's own per-step paths instead of zoserve's vectorised "
+        "ones (scheduler/engine/cpu_fast_paths.py; phase 'together_b', same arrivals, alternating order); "
+        "figures under 'ab_fast_paths'",
+    )
     parser.add_argument("--step-gate-prefill-tokens", type=int, default=None,
                         help="probe tokens in a step that carries a user's prefill (default: the service's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's per-step token budget (default: the service's)")
@@ -236,6 +246,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds-long phases: checks the wiring, measures nothing")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.ab_fast_paths and args.ab_gate_tokens is not None:
+        parser.error("--ab-fast-paths and --ab-gate-tokens are two different A/Bs: give one")
     if args.ab_gate_tokens is not None:
         if args.step_gate_tokens is None:
             parser.error("--ab-gate-tokens needs the step gate (--step-gate-tokens N, not 'off')")

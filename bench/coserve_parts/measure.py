@@ -135,14 +135,26 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
                     await resume_jobs(client, job_ids.values(), args.resume_settle_s)
                 print(f"phase zo: the two jobs alone{_round(round_index, args.rounds)} ...", flush=True)
                 await window("zo", zo_alone)
-                for name, cap in together_windows(args.step_gate_tokens, args.ab_gate_tokens, round_index):
-                    if cap is not None:
-                        service.runtime.binding.gate_cap.write(cap)
-                    gate = "" if cap is None else f", gate {cap} tokens"
-                    print(f"phase {name}: users and the two jobs{gate}{_round(round_index, args.rounds)} ...", flush=True)
+                binding = service.runtime.binding
+                if args.ab_fast_paths:
+                    plan = together_windows(True, False, round_index)
+                else:
+                    plan = together_windows(args.step_gate_tokens, args.ab_gate_tokens, round_index)
+                for name, setting in plan:
+                    if args.ab_fast_paths:
+                        paths = ", ".join(await binding.fast_paths(setting)) or "vLLM's own"
+                        note = f", per-step paths: {paths}"
+                    elif setting is not None:
+                        binding.gate_cap.write(setting)
+                        note = f", gate {setting} tokens"
+                    else:
+                        note = ""
+                    print(f"phase {name}: users and the two jobs{note}{_round(round_index, args.rounds)} ...", flush=True)
                     await window(name, lambda name=name: users(name, round_index))
                 if args.ab_gate_tokens is not None:
-                    service.runtime.binding.gate_cap.write(args.step_gate_tokens)
+                    binding.gate_cap.write(args.step_gate_tokens)
+                if args.ab_fast_paths:
+                    await binding.fast_paths(True)
 
             steps_by_job, job_states = {}, {}
             for adapter, weight in JOBS:

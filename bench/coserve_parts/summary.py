@@ -242,7 +242,8 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
         },
     }
     if "together_b" in raw.phases:
-        result["ab_gate"], result["phases"]["together_b"] = ab_gate_figures(
+        key = "ab_fast_paths" if getattr(args, "ab_fast_paths", False) else "ab_gate"
+        result[key], result["phases"]["together_b"] = ab_figures(
             args, raw, figures, users["ttft_p99_ms"], zo_alone["steps_per_s"]
         )
         result["phases"]["together_b"]["controller"] = controller_view(raw.phases["together_b"])
@@ -264,17 +265,22 @@ def phase_users(raw: Raw, phase: str) -> dict:
     return summary
 
 
-def ab_gate_figures(
+def ab_figures(
     args, raw: Raw, figures: dict, users_ttft_p99_ms: float | None, zo_alone_steps_per_s: float
 ) -> tuple[dict, dict]:
-    """With `--ab-gate-tokens`: the ratios at each of the two per-step probe caps, each against the same
-    users-alone and ZO-alone windows (`together` at `--step-gate-tokens`, `together_b` at the A/B cap), and
-    the `together_b` phase's own summary."""
+    """With an A/B inside the run: the ratios of each variant, each against the same users-alone and ZO-alone
+    windows, and the `together_b` phase's own summary. `--ab-gate-tokens`: `together` at `--step-gate-tokens`,
+    `together_b` at the A/B cap (`gate_tokens`); `--ab-fast-paths`: `together` with the engine's vectorised
+    per-step paths, `together_b` with vLLM's own (`fast_paths`)."""
     users_w, zo_w, b_w = raw.phases["users"], raw.phases["zo"], raw.phases["together_b"]
     b_users = phase_users(raw, "together_b")
     b_zo = zo_summary(raw.steps_by_job, b_w)
+    if getattr(args, "ab_fast_paths", False):
+        variant = {"fast_paths": {"together": True, "together_b": False}}
+    else:
+        variant = {"gate_tokens": {"together": args.step_gate_tokens, "together_b": args.ab_gate_tokens}}
     ab = {
-        "gate_tokens": {"together": args.step_gate_tokens, "together_b": args.ab_gate_tokens},
+        **variant,
         "user_ttft_p99_ratio": {
             "together": figures["user_ttft_p99_ratio"], "together_b": _ratio(b_users["ttft_p99_ms"], users_ttft_p99_ms),
         },

@@ -58,16 +58,17 @@ class Windows:
         return [[start, end] for start, end in self.spans]
 
 
-USER_PHASES = ("users", "together", "together_b")  # the phases that carry user load (together_b: --ab-gate-tokens)
+USER_PHASES = ("users", "together", "together_b")  # the phases that carry user load (together_b: an A/B)
 
 
-def together_windows(gate_tokens: int | None, ab_gate_tokens: int | None, round_index: int) -> list[tuple[str, int | None]]:
-    """A round's together windows and the per-step probe cap each runs at (None: the service's gate as it
-    is). With an A/B cap, `together` (at `gate_tokens`) and `together_b` (at `ab_gate_tokens`) on the same
-    arrivals, their order alternating by round so that neither always runs later in the round."""
-    if ab_gate_tokens is None:
+def together_windows(setting, ab_setting, round_index: int) -> list[tuple[str, object]]:
+    """A round's together windows and the setting each runs at (None: the service's as it is). With an A/B
+    setting (`--ab-gate-tokens`: a per-step probe cap; `--ab-fast-paths`: the engine's per-step paths on or
+    off), `together` (at `setting`) and `together_b` (at `ab_setting`) on the same arrivals, their order
+    alternating by round so that neither always runs later in the round."""
+    if ab_setting is None:
         return [("together", None)]
-    pair = [("together", gate_tokens), ("together_b", ab_gate_tokens)]
+    pair = [("together", setting), ("together_b", ab_setting)]
     return pair if round_index % 2 == 0 else pair[::-1]
 
 

@@ -177,13 +177,16 @@ def test_an_ab_of_the_gate_runs_both_caps_each_round_in_alternating_order():
     assert together_windows(256, 128, 0) == [("together", 256), ("together_b", 128)]
     assert together_windows(256, 128, 1) == [("together_b", 128), ("together", 256)]
     assert together_windows(256, 128, 2) == together_windows(256, 128, 0)
+    # --ab-fast-paths: the engine's vectorised per-step paths on in `together`, off (False, not None) in `together_b`
+    assert together_windows(True, False, 0) == [("together", True), ("together_b", False)]
+    assert together_windows(True, False, 1) == [("together_b", False), ("together", True)]
 
 
-def test_ab_gate_figures_compare_each_cap_with_the_same_alone_windows():
+def test_ab_figures_compare_each_cap_with_the_same_alone_windows():
     from types import SimpleNamespace
 
     from coserve_parts.load import UserSample
-    from coserve_parts.summary import ab_gate_figures
+    from coserve_parts.summary import ab_figures
 
     def sample(phase: str, at: float, ttft: float) -> UserSample:
         return UserSample(phase, at, at, at + ttft, at + ttft + 0.1, 20, 16, None, None)
@@ -209,7 +212,7 @@ def test_ab_gate_figures_compare_each_cap_with_the_same_alone_windows():
     args = SimpleNamespace(step_gate_tokens=256, ab_gate_tokens=128)
     figures = {"user_ttft_p99_ratio": 2.0, "user_ttft_p99_ratio_by_round": [2.0, 2.0],
                "zo_steps_ratio": 0.5, "zo_steps_ratio_by_round": [0.5, 0.5]}
-    ab, phase_b = ab_gate_figures(args, raw, figures, 10.0, 4.0)  # ZO alone: 80 steps in 20 s
+    ab, phase_b = ab_figures(args, raw, figures, 10.0, 4.0)  # ZO alone: 80 steps in 20 s
     assert ab["gate_tokens"] == {"together": 256, "together_b": 128}
     assert ab["user_ttft_p99_ratio"]["together"] == 2.0
     assert ab["user_ttft_p99_ratio"]["together_b"] == pytest.approx(1.4, abs=0.01)  # p99 of 12 and 14 ms
@@ -217,3 +220,7 @@ def test_ab_gate_figures_compare_each_cap_with_the_same_alone_windows():
     assert ab["zo_steps_ratio"]["together_b"] == pytest.approx(20 / 80)
     assert ab["zo_steps_ratio_by_round"]["together_b"] == pytest.approx([0.2, 0.3])
     assert phase_b["users"]["num_requests"] == 200 and phase_b["zo"]["steps_per_s"] == pytest.approx(1.0)
+    # The same windows as an A/B of the engine's per-step paths: the figures are the same, the variant named.
+    fast_paths_ab, _ = ab_figures(SimpleNamespace(ab_fast_paths=True), raw, figures, 10.0, 4.0)
+    assert fast_paths_ab["fast_paths"] == {"together": True, "together_b": False} and "gate_tokens" not in fast_paths_ab
+    assert fast_paths_ab["user_ttft_p99_ratio"] == ab["user_ttft_p99_ratio"]
