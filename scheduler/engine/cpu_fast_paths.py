@@ -14,7 +14,7 @@ Two are plain data shuffling with an obvious vectorised form:
   count runs eagerly; the gathers are vLLM's own.
 
 Each replacement is installed only on the CPU platform, and only after it has returned exactly what vLLM's
-own function returns on random inputs (`_agrees_with_stock`); otherwise vLLM's stays. `installed()` says which
+own function returns on random inputs (`_mapping_agrees`, `_logprobs_agree`); otherwise vLLM's stays. `installed()` says which
 are in place (the engine reports it; tests/engine assert it in both process layouts).
 """
 
@@ -45,8 +45,8 @@ def convert_mapping(mapping, lora_index_to_id, max_loras: int, vocab_size: int, 
     for lora_id, index in slot_of.items():
         if lora_id >= 0:
             lookup[lora_id] = index
-    token_slots = _slots(token_ids, lookup, slot_of)
-    prompt_slots = _slots(prompt_ids, lookup, slot_of)
+    token_slots = _slots(token_ids, lookup)
+    prompt_slots = _slots(prompt_ids, lookup)
     base = torch.from_numpy(token_slots)
     embeddings = torch.from_numpy(np.where(token_ids > 0, token_slots, 0) * vocab_size)
     sampler = torch.from_numpy(prompt_slots)
@@ -59,8 +59,8 @@ def convert_mapping(mapping, lora_index_to_id, max_loras: int, vocab_size: int, 
     return base, sampler, padded, embeddings, [base.shape[-1], sampler.shape[-1], padded.shape[-1], embeddings.shape[-1]]
 
 
-def _slots(ids: np.ndarray, lookup: np.ndarray, slot_of: dict) -> np.ndarray:
-    """Slot index of each positive id, -1 for ids <= 0."""
+def _slots(ids: np.ndarray, lookup: np.ndarray) -> np.ndarray:
+    """Slot index of each positive id, -1 for ids <= 0; KeyError for a positive id that holds no slot."""
     positive = ids > 0
     in_table = positive & (ids < len(lookup))
     slots = np.full(ids.shape, -1, dtype=np.int64)
