@@ -133,6 +133,12 @@ def print_summary(result: dict) -> None:
         stalls = steps.get("gc_stalls")
         if stalls:
             print(f"engine GC stalls, {name:9s} {stalls['num_steps']} steps with > 2 ms in the collector, {stalls['gc_s']:.2f} s in all")
+        idle = steps.get("probe_idle")
+        if idle:
+            spells = idle["spells"]
+            print(f"engine without probe work, {name:9s} {idle['share_of_time']:.1%} of time (a job between steps "
+                  f"{idle['a_job_between_steps']:.1%}, every job mid-step {idle['every_job_mid_step']:.1%}); "
+                  f"{spells['num']} spells, p50/p90 {_fmt(spells['p50_ms'], '.0f')}/{_fmt(spells['p90_ms'], '.0f')} ms")
     for name in ("users", "zo", "together"):
         cpu = result["phases"][name]["cpu"]
         print(f"CPU s/s, {name:9s} " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())))

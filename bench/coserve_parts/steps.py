@@ -11,6 +11,7 @@ the steps that spent over 2 ms in the engine process's garbage collector.
 
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
 
 from scheduler.engine.step_trace import StepRecord, read_step_trace
@@ -59,6 +60,55 @@ def summarise_steps(steps: list[StepRecord], windows: Windows) -> dict:
     result["main_thread"] = main_thread_time([s for s, _ in inside])
     result["gc_stalls"] = gc_stalls([s for s, _ in inside])
     return result
+
+
+def probe_idle(steps: list[StepRecord], windows: Windows, job_steps: dict[str, list[tuple[float, float]]]) -> dict:
+    """Engine time with no probe work: steps that carried no probe token while no probe waited in the engine's
+    queue, as shares of the windows' step time. Split by where the jobs were as each such step started:
+    `a_job_between_steps` (some job was outside its steps: waiting for its grant, e.g. held by fair sharing,
+    or between the end of one step and the start of the next) or `every_job_mid_step` (each job inside a step:
+    its update, commit, probe write or first chunks had not reached the engine yet). `spells`: runs of such
+    steps back to back, with their lengths. `job_steps`: each job's steps as (start, end) wall-clock times."""
+    inside = []
+    for a, b in zip(steps, steps[1:]):
+        end = windows.window_end(a.schedule_start_s)
+        if end is not None:
+            inside.append((a, min(b.schedule_start_s, end) - a.schedule_start_s))
+    total_s = sum(period for _, period in inside)
+    spans = {job: sorted(intervals) for job, intervals in job_steps.items()}
+    starts = {job: [start for start, _ in intervals] for job, intervals in spans.items()}
+
+    def mid_step(job: str, t: float) -> bool:
+        i = bisect.bisect_right(starts[job], t) - 1
+        return i >= 0 and t < spans[job][i][1]
+
+    shares = {"every_job_mid_step": 0.0, "a_job_between_steps": 0.0}
+    spells_ms, spell_s, last_end = [], 0.0, None
+    for step, period in inside:
+        if step.probe_tokens > 0 or step.num_waiting > step.num_user_waiting:
+            continue
+        t = step.schedule_start_s
+        key = "every_job_mid_step" if spans and all(mid_step(job, t) for job in spans) else "a_job_between_steps"
+        shares[key] += period
+        if last_end is not None and abs(t - last_end) < 1e-9:
+            spell_s += period
+        else:
+            if spell_s:
+                spells_ms.append(1000.0 * spell_s)
+            spell_s = period
+        last_end = t + period
+    if spell_s:
+        spells_ms.append(1000.0 * spell_s)
+    idle_s = sum(shares.values())
+    return {
+        "share_of_time": idle_s / total_s if total_s else 0.0,
+        **{key: value / total_s if total_s else 0.0 for key, value in shares.items()},
+        "spells": {
+            "num": len(spells_ms),
+            "p50_ms": percentile_ms(spells_ms, 0.5) if spells_ms else None,
+            "p90_ms": percentile_ms(spells_ms, 0.9) if spells_ms else None,
+        },
+    }
 
 
 def gc_stalls(steps: list[StepRecord]) -> dict | None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from coserve_parts.monitors import steal_peak_cores
-from coserve_parts.steps import summarise_steps
+from coserve_parts.steps import probe_idle, summarise_steps
 from coserve_parts.windows import Windows
 
 if TYPE_CHECKING:
@@ -251,8 +251,14 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
     for name, by_window in raw.cpu_by_window.items():
         result["phases"][name]["cpu_by_round"] = by_window  # each window's own CPU and host steal, in order
     if raw.engine_steps:
+        job_steps = {
+            job: [(step["time"] - step["duration_s"], step["time"]) for step in steps]
+            for job, (_, steps) in raw.steps_by_job.items()
+        }
         for name, windows in raw.phases.items():
             result["phases"][name]["engine_steps"] = summarise_steps(raw.engine_steps, windows)
+            if name != "users":
+                result["phases"][name]["engine_steps"]["probe_idle"] = probe_idle(raw.engine_steps, windows, job_steps)
     return result
 
 

@@ -12,7 +12,7 @@ import pytest
 from scheduler.engine.step_trace import COLUMNS, TRACE_ENV, StepRecord, StepTracer, read_step_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from coserve_parts.steps import load_steps, step_kind, summarise_steps  # noqa: E402
+from coserve_parts.steps import load_steps, probe_idle, step_kind, summarise_steps  # noqa: E402
 from coserve_parts.windows import Windows  # noqa: E402
 
 PROBE = 10
@@ -250,3 +250,27 @@ def test_phase_summary_says_where_the_main_thread_spent_its_steps():
     )
     assert threads["all_steps"]["cpu"] == pytest.approx(1.0 / 1.03)
     assert threads["all_steps"]["runqueue_wait"] == pytest.approx(0.02 / 1.03)
+
+
+def test_engine_time_without_probe_work_is_split_by_where_the_jobs_were():
+    """ZO alone, 10 ms steps: 0.00-0.40 s probe steps; 0.40-0.46 s nothing to run while job b is between two
+    steps (its grant held back); 0.46-0.60 s probe steps; 0.60-0.64 s nothing while both jobs are inside a step
+    (their next probes not in the engine yet); then a step with probes only waiting (not idle)."""
+    steps = []
+    for i in range(70):
+        t = 0.01 * i
+        idle = 40 <= i < 46 or 60 <= i < 64
+        waiting_only = i == 64
+        steps.append(
+            StepRecord(t, t + 0.0001, t + 0.009, t + 0.0095, 0 if idle or waiting_only else 400, 0 if idle else 10,
+                       0, 0, 0, 0 if idle else 5)
+        )
+    jobs = {"a": [(0.0, 0.70)], "b": [(0.0, 0.40), (0.46, 0.70)]}
+    idle = probe_idle(steps, Windows.of(0.0, 0.69), jobs)
+    assert idle["share_of_time"] == pytest.approx(0.10 / 0.69)
+    assert idle["a_job_between_steps"] == pytest.approx(0.06 / 0.69)
+    assert idle["every_job_mid_step"] == pytest.approx(0.04 / 0.69)
+    assert idle["spells"]["num"] == 2
+    assert idle["spells"]["p90_ms"] == pytest.approx(60.0, abs=0.1)
+    # No job records (the trace alone): every idle step counts as a job between steps.
+    assert probe_idle(steps, Windows.of(0.0, 0.69), {})["a_job_between_steps"] == pytest.approx(0.10 / 0.69)
