@@ -31,7 +31,7 @@ def step_kind(step: StepRecord) -> str:
     return "probes_only" if step.probe_tokens > 0 else "empty"
 
 
-def summarise_steps(steps: list[StepRecord], windows: Windows) -> dict:
+def steps_in_windows(steps: list[StepRecord], windows: Windows) -> list[tuple[StepRecord, float]]:
     """Steps that started inside the windows, each with its period up to the next step's start (cut at the end
     of its window: between two rounds' windows the engine waits for the next phase)."""
     inside = []
@@ -39,6 +39,12 @@ def summarise_steps(steps: list[StepRecord], windows: Windows) -> dict:
         end = windows.window_end(a.schedule_start_s)
         if end is not None:
             inside.append((a, min(b.schedule_start_s, end) - a.schedule_start_s))
+    return inside
+
+
+def summarise_steps(steps: list[StepRecord], windows: Windows) -> dict:
+    """The windows' steps (`steps_in_windows`) by kind: shares of steps and time, periods, what they carried."""
+    inside = steps_in_windows(steps, windows)
     total_s = sum(period for _, period in inside)
     result: dict = {"num_steps": len(inside), "steps_per_s": len(inside) / total_s if total_s else 0.0}
     for kind in KINDS:
@@ -69,11 +75,7 @@ def probe_idle(steps: list[StepRecord], windows: Windows, job_steps: dict[str, l
     or between the end of one step and the start of the next) or `every_job_mid_step` (each job inside a step:
     its update, commit, probe write or first chunks had not reached the engine yet). `spells`: runs of such
     steps back to back, with their lengths. `job_steps`: each job's steps as (start, end) wall-clock times."""
-    inside = []
-    for a, b in zip(steps, steps[1:]):
-        end = windows.window_end(a.schedule_start_s)
-        if end is not None:
-            inside.append((a, min(b.schedule_start_s, end) - a.schedule_start_s))
+    inside = steps_in_windows(steps, windows)
     total_s = sum(period for _, period in inside)
     spans = {job: sorted(intervals) for job, intervals in job_steps.items()}
     starts = {job: [start for start, _ in intervals] for job, intervals in spans.items()}
