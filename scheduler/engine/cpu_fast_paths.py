@@ -24,6 +24,7 @@ import logging
 
 import numpy as np
 import torch
+from vllm.v1.outputs import LogprobsTensors
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ def gather_specific_token_logprobs(self, logprobs: torch.Tensor, logprob_token_i
     """vLLM's `Sampler.gather_specific_token_logprobs` with the padded id matrix built in numpy, and the sampled
     token's rank counted by the same expression vLLM compiles with torch.compile (on CPU the compiled call's
     dispatch costs more than the count over a step's few rows)."""
-    from vllm.v1.outputs import LogprobsTensors
-
     if not logprob_token_ids:
         return None
     width = max(len(ids) for ids in logprob_token_ids.values()) + 1
@@ -188,6 +187,12 @@ def _checked(check, *args) -> bool:
         return False
 
 
+def _verified(name: str, current) -> bool:
+    """`current` is the vLLM function this process already checked and replaced once (an A/B run's switch
+    back): no need to check it again."""
+    return _REPLACED.get(name) is current
+
+
 def install() -> list[str]:
     """Install each replacement that returns what vLLM's own does (CPU platform only); the ones in place."""
     try:
@@ -198,16 +203,17 @@ def install() -> list[str]:
         return []
     if not current_platform.is_cpu():
         return installed()
-    if punica_base.convert_mapping is not convert_mapping:
-        if _checked(_mapping_agrees, punica_base.convert_mapping):
-            _REPLACED[LORA_MAPPING] = punica_base.convert_mapping
+    current = punica_base.convert_mapping
+    if current is not convert_mapping:
+        if _verified(LORA_MAPPING, current) or _checked(_mapping_agrees, current):
+            _REPLACED[LORA_MAPPING] = current
             punica_base.convert_mapping = convert_mapping
         else:
             log.warning("vectorised LoRA mapping disagrees with vLLM's convert_mapping; keeping vLLM's")
-    stock = sampler_cls.gather_specific_token_logprobs
-    if stock is not gather_specific_token_logprobs:
-        if _checked(_logprobs_agree, sampler_cls, stock):
-            _REPLACED[LOGPROB_TOKEN_IDS] = stock
+    current = sampler_cls.gather_specific_token_logprobs
+    if current is not gather_specific_token_logprobs:
+        if _verified(LOGPROB_TOKEN_IDS, current) or _checked(_logprobs_agree, sampler_cls, current):
+            _REPLACED[LOGPROB_TOKEN_IDS] = current
             sampler_cls.gather_specific_token_logprobs = gather_specific_token_logprobs
         else:
             log.warning("vectorised gather of chosen log-probs disagrees with vLLM's; keeping vLLM's")
