@@ -78,6 +78,15 @@ class LoadedAdapter:
 
 
 @dataclass
+class PendingCommit:
+    """A scored step whose update the worker has been sent (`AdapterHost.start_commit`)."""
+
+    outcome: StepOutcome
+    task: asyncio.Task[bool]  # True: committed as the adapter's head; False: the head had moved on (reloaded)
+    sent_s: float  # perf_counter() when the update was sent
+
+
+@dataclass
 class _VersionSlot:
     slot: int
     users: int = 0
@@ -203,19 +212,41 @@ class AdapterHost:
 
     # ----------------------------------------------------------------- stepping
     async def apply_and_commit(self, adapter: LoadedAdapter, outcome: StepOutcome, method: ZoMethod, hyper) -> int:
-        """Apply a scored step to the worker's state, commit the new version and publish it; the version served.
+        """Apply a scored step to the worker's state, commit the new version and publish it; the version served."""
+        await (await self.start_commit(adapter, outcome, method, hyper)).task
+        return adapter.head
 
-        The stepped state goes into the idle serving buffer in the same engine call gap as the update (the
-        engine core runs this process's calls in the order they were sent), so publishing waits for no engine
-        step of its own. That buffer is served only once the version is committed; on a head conflict the
-        store head is reloaded and published instead.
+    async def start_commit(
+        self, adapter: LoadedAdapter, outcome: StepOutcome, method: ZoMethod, hyper
+    ) -> PendingCommit:
+        """Send a scored step's update to the worker and return once it is on its way; the store commit and the
+        publish go on in the returned task.
+
+        The engine core runs this process's calls in the order they were sent, so anything sent after this
+        returns (the next step's probe writes) sees the updated state: a job scores its next step while this
+        one is committed. The stepped state goes into the idle serving buffer in the same engine call gap as
+        the update, so publishing waits for no engine step of its own. That buffer is served only once the
+        version is committed; on a head conflict the store head is reloaded and published instead.
         """
+        sent_s = time.perf_counter()
         target = self.serving.publish_target(adapter.name)
-        writes = [self.binding.apply_step(adapter.name, outcome.step, outcome.seeds, outcome.coeffs, outcome.lr)]
-        if target is not None:
-            writes.append(self.binding.write_state(adapter.name, target))
-        # In this order: the update first. A failed buffer write must not cost the update its commit.
-        applied, *written = await asyncio.gather(*writes, return_exceptions=True)
+        update = asyncio.ensure_future(
+            self.binding.apply_step(adapter.name, outcome.step, outcome.seeds, outcome.coeffs, outcome.lr)
+        )
+        write = asyncio.ensure_future(self.binding.write_state(adapter.name, target)) if target is not None else None
+        # Each call's task runs up to its first wait, which vLLM's client reaches only after sending the call;
+        # the tasks run in the order they were created, the update first.
+        await asyncio.sleep(0)
+        committing = self._finish_commit(adapter, outcome, method, hyper, target, update, write)
+        return PendingCommit(outcome, asyncio.ensure_future(committing), sent_s)
+
+    async def _finish_commit(
+        self, adapter: LoadedAdapter, outcome: StepOutcome, method: ZoMethod, hyper, target: int | None,
+        update: asyncio.Future, write: asyncio.Future | None,
+    ) -> bool:
+        # A failed buffer write must not cost the update its commit.
+        calls = [update] if write is None else [update, write]
+        applied, *written = await asyncio.gather(*calls, return_exceptions=True)
         if isinstance(applied, BaseException):
             raise applied
         committed = await self._commit(adapter, outcome, method, hyper)
@@ -225,7 +256,7 @@ class AdapterHost:
             self.serving.mark_published(adapter.name, target, adapter.head)
         elif committed:  # the idle buffer still had requests in flight: publish when it can be written
             await self.publish(adapter)
-        return adapter.head
+        return committed
 
     async def commit_step(self, adapter: LoadedAdapter, outcome: StepOutcome, method: ZoMethod, hyper) -> int:
         """Commit the version the worker now holds; on a head conflict reload the store head instead."""

@@ -7,6 +7,9 @@ status change is an event, goes to the observer and is written to the journal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import itertools
 import logging
 import time
 from collections import deque
@@ -19,17 +22,20 @@ from scheduler.engine_step import ChunkGate, run_engine_step, score_batches, wor
 from scheduler.errors import InvalidJobSpec, NoCapacity
 from scheduler.job_artifacts import job_artifacts, method_and_wire
 from scheduler.job_journal import JobProgress
-from scheduler.jobs import EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric
+from scheduler.jobs import EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric, busy_s
 from scheduler.objectives import EncodedDataset
 from scheduler.rewards import EncodedReward, RewardObjective, words
 from scheduler.zo.methods import InvalidHyperParameter, hyper_items, parse_hyper
 
 if TYPE_CHECKING:
-    from scheduler.adapter_host import LoadedAdapter
+    from scheduler.adapter_host import LoadedAdapter, PendingCommit
     from scheduler.runtime import Runtime
 
 log = logging.getLogger(__name__)
 EVAL_CHUNK = 64  # eval sequences submitted at once
+# Probe cache salts: one per scored step, unique for this process's engine, so that no step's probes read
+# prefix KV computed under another step's states (a step scored again after a head conflict included).
+_PROBE_SALTS = itertools.count()
 
 
 @dataclass
@@ -75,10 +81,10 @@ class JobRun:
 
     def view(self, version: int) -> JobView:
         recent = list(self.step_metrics)[-20:]
-        busy_s = sum(m.duration_s for m in recent)
+        busy = busy_s(recent)
         return JobView(
             self.id, self.spec.adapter, self.status, self.step, self.spec.max_steps, version, self.last_loss,
-            self.error, self.created_at, len(recent) / busy_s if busy_s > 0 else None,
+            self.error, self.created_at, len(recent) / busy if busy > 0 else None,
         )
 
     async def append_examples(self, runtime: Runtime, examples: Sequence) -> int:
@@ -187,6 +193,80 @@ async def _score_eval(
     return metric
 
 
+async def _train(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, method, hyper, eval_data) -> None:
+    """Step until `max_steps`, scoring each step while the one before it is committed.
+
+    A step's update is sent to the worker as soon as it is scored, and the next step's probes go in right after
+    it, so the engine has the job's next scoring work while the store commit and the publish run. A step counts
+    as done (progress, metrics, journal) the moment its commit ends; the loop waits for it only before sending
+    the next update. If the store's head moved on meanwhile (another writer committed, and the store head was
+    reloaded), the step scored against the lost state is scored again from the reloaded one.
+    """
+    spec, host, binding = run.spec, runtime.host, runtime.binding
+    num_probes = probe_slots_needed(spec)
+    estimate = StepTokens()
+    pending: PendingCommit | None = None
+    step = run.step
+    try:
+        while step < spec.max_steps:
+            await run.resume.wait()
+            tokens = estimate(run.data, spec.batch_size, num_probes)
+            paused = lambda: not run.resume.is_set()  # noqa: E731
+            async with runtime.coscheduler.step(run.id, spec.weight, tokens, num_probes, paused) as lease:
+                outcome = await run_engine_step(
+                    binding, adapter.name, run.data, method, hyper.lr, job_seed=spec.seed, step=step,
+                    batch_size=spec.batch_size, slots=lease.slot_ids, salt=f"probe:{run.id}:{next(_PROBE_SALTS)}",
+                    gate=lease.gate, apply=False,
+                )
+            if pending is not None:
+                done, pending = pending, None
+                if not await _settle(runtime, run, adapter, done, eval_data):
+                    step = run.step
+                    continue
+            pending = await host.start_commit(adapter, outcome, method, hyper)
+            pending.task.add_done_callback(functools.partial(_record, runtime, run, adapter, pending))
+            step += 1
+        if pending is not None:
+            done, pending = pending, None
+            await _settle(runtime, run, adapter, done, eval_data)
+    finally:
+        if pending is not None:  # cancelled or failed while the next step was scored: let the commit end
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending.task)
+
+
+def _record(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, pending: PendingCommit, task: asyncio.Task) -> None:
+    """A step whose commit ended, in the job's progress, metrics and journal (called as the commit ends)."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    outcome = pending.outcome
+    run.step = outcome.step + 1
+    run.last_loss = outcome.loss
+    metric = StepMetric(
+        run.step, adapter.head, outcome.loss, outcome.projected_grad_norm,
+        outcome.duration_s + time.perf_counter() - pending.sent_s,  # scored, applied, committed
+        time.time(), outcome.num_sequences, outcome.num_tokens,
+    )
+    run.step_metrics.append(metric)
+    runtime.observer.on_step(run.spec.adapter, metric)
+    runtime.observer.on_commit(run.spec.adapter, adapter.head)
+    if not task.result():
+        run.event("head", f"version {adapter.head} was committed by someone else; training goes on from it")
+    if run.step % 10 == 0:
+        run.event("metrics", f"step {run.step}: loss {outcome.loss:.4f}")
+    run.save_progress(runtime)
+
+
+async def _settle(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, pending: PendingCommit, eval_data) -> bool:
+    """Wait for a step's commit and evaluate when due; False when the store's head had moved on."""
+    committed = await pending.task
+    await asyncio.sleep(0)  # the commit's done callback (`_record`) runs first
+    spec = run.spec
+    if eval_data is not None and spec.eval_every and run.step % spec.eval_every == 0:
+        await _evaluate(runtime, run, adapter, eval_data)
+    return committed
+
+
 async def run_job(runtime: Runtime, run: JobRun) -> None:
     spec, host, binding = run.spec, runtime.host, runtime.binding
     try:
@@ -211,41 +291,13 @@ async def run_job(runtime: Runtime, run: JobRun) -> None:
                 break
             except NoCapacity:
                 await runtime.slots.wait_change()
-        num_probes = probe_slots_needed(spec)
         if run.start_version is None:
             run.start_version = adapter.head
         run.step = max(0, adapter.head - run.start_version)
         run.started = True
         if run.resume_requested:
             run.set_status(JobStatus.RUNNING, runtime)
-        estimate = StepTokens()
-        while run.step < spec.max_steps:
-            await run.resume.wait()
-            tokens = estimate(run.data, spec.batch_size, num_probes)
-            paused = lambda: not run.resume.is_set()  # noqa: E731
-            async with runtime.coscheduler.step(run.id, spec.weight, tokens, num_probes, paused) as lease:
-                outcome = await run_engine_step(
-                    binding, adapter.name, run.data, method, hyper.lr, job_seed=spec.seed, step=run.step,
-                    batch_size=spec.batch_size, slots=lease.slot_ids, salt=f"probe:{run.id}@{adapter.head}",
-                    gate=lease.gate, apply=False,
-                )
-            applying = time.perf_counter()
-            version = await host.apply_and_commit(adapter, outcome, method, hyper)
-            duration_s = outcome.duration_s + time.perf_counter() - applying  # scored, applied, committed
-            run.step += 1
-            run.last_loss = outcome.loss
-            metric = StepMetric(
-                run.step, version, outcome.loss, outcome.projected_grad_norm, duration_s, time.time(),
-                outcome.num_sequences, outcome.num_tokens,
-            )
-            run.step_metrics.append(metric)
-            runtime.observer.on_step(spec.adapter, metric)
-            runtime.observer.on_commit(spec.adapter, version)
-            if run.step % 10 == 0:
-                run.event("metrics", f"step {run.step}: loss {outcome.loss:.4f}")
-            run.save_progress(runtime)
-            if eval_data is not None and spec.eval_every and run.step % spec.eval_every == 0:
-                await _evaluate(runtime, run, adapter, eval_data)
+        await _train(runtime, run, adapter, method, hyper, eval_data)
         if eval_data is not None and not (spec.eval_every and run.step % spec.eval_every == 0):
             await _evaluate(runtime, run, adapter, eval_data)
         await host.snapshot_head(adapter)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from scheduler.objectives import ClassificationObjective, CompletionObjective, LabelledText, PromptCompletion
@@ -70,10 +72,21 @@ class StepMetric:
     version: int
     loss: float
     projected_grad_norm: float
-    duration_s: float
+    duration_s: float  # scored, applied and committed (the commit overlaps the next step's scoring)
     time: float
     num_sequences: int
     num_tokens: int
+
+
+def busy_s(metrics: Iterable[StepMetric]) -> float:
+    """Wall time the steps' spans [end − duration, end] cover: overlapping steps (a commit runs while the next step
+    is scored) count once, and time between steps (paused, waiting for a turn) not at all."""
+    total, covered_to = 0.0, -math.inf
+    for start, end in sorted((m.time - m.duration_s, m.time) for m in metrics):
+        if end > covered_to:
+            total += end - max(start, covered_to)
+            covered_to = end
+    return total
 
 
 @dataclass(frozen=True)

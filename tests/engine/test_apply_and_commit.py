@@ -122,3 +122,22 @@ async def test_an_update_is_committed_even_when_the_buffer_write_fails(engine, t
         assert all(torch.equal(committed.theta[k], held[k]) for k in held)
         assert await t.step() == 3
         assert t.host.serving.live_version(t.name) == 3
+
+
+async def test_a_call_sent_once_start_commit_returns_sees_the_update(engine, tmp_path):
+    """What lets a job score its next step while this one is committed: once `start_commit` returns, the
+    update is on its way, so the engine runs it before any call sent after, even one this task awaits at
+    once, ahead of the commit's own tasks."""
+    async with training(engine, tmp_path) as t:
+        assert await t.step() == 1
+        before = await t.worker_scores()
+        outcome = await run_engine_step(
+            t.engine, t.name, t.data, t.method, t.hyper.lr, job_seed=4, step=1, batch_size=4,
+            slots=t.probe_slots, salt=f"probe:{t.name}:next", apply=False,
+        )
+        pending = await t.host.start_commit(t.adapter, outcome, t.method, t.hyper)
+        await engine.write_state(t.name, t.probe_slots[1])  # sent before the commit's tasks run any further
+        early = await t.scores_in(t.probe_slots[1])
+        assert await pending.task is True
+        assert t.adapter.head == 2 == t.host.serving.live_version(t.name)
+        assert early == await t.worker_scores() != before

@@ -307,6 +307,40 @@ async def test_metrics_count_route_templates(anonymous):
     assert "/v1/jobs/job-missing" not in text, "raw paths must never become label values"
 
 
+async def test_a_rollback_while_its_job_trains_is_where_training_goes_on(admin, engine, tmp_path):
+    """The job's next commit finds the store's head moved on: it reloads the rolled-back state and steps from
+    there (a step scored meanwhile against the lost state is scored again), and the worker ends holding exactly
+    the state the store's head replays to."""
+    from safetensors.torch import load as load_tensors
+    from safetensors.torch import load_file
+
+    job = (await admin.post("/v1/jobs", json=job_body("api-rollback-live", 40))).json()
+    await wait_for_job(admin, job["id"], lambda j: j["step"] >= 4)
+    rolled = await admin.post("/v1/adapters/api-rollback-live/rollback", json={"version": 1})
+    assert rolled.status_code == 200, rolled.text
+    rollback = rolled.json()["head_version"]
+    done = await wait_for_job(admin, job["id"], lambda j: j["status"] in FINAL)
+    assert done["status"] == "succeeded" and done["step"] == 40, done
+    events = (await admin.get(f"/v1/jobs/{job['id']}/events")).json()["data"]
+    assert [e["message"] for e in events if e["kind"] == "head"] == [
+        f"version {rollback} was committed by someone else; training goes on from it"
+    ]
+
+    listed = (await admin.get("/v1/adapters/api-rollback-live/versions", params={"offset": rollback, "limit": 100})).json()
+    assert listed["data"][0]["kind"] == "rollback"
+    after = listed["data"][1:]
+    assert after and all(v["kind"] != "rollback" and v["parent"] == v["version"] - 1 for v in after), after
+    head = after[-1]["version"]
+    assert done["version"] == head
+
+    worker = load_file(str(await engine.export_peft("api-rollback-live", tmp_path / "worker") / "adapter_model.safetensors"))
+    download = await admin.get(f"/v1/adapters/api-rollback-live/versions/{head}/download")
+    with tarfile.open(fileobj=io.BytesIO(download.content), mode="r:gz") as tar:
+        member = next(n for n in tar.getnames() if n.endswith("adapter_model.safetensors"))
+        stored = load_tensors(tar.extractfile(member).read())
+    assert worker.keys() == stored.keys() and all(worker[k].equal(stored[k]) for k in worker)
+
+
 async def test_reward_objective_job_trains_and_evaluates(admin):
     """A reward job (greedy generation matched against each row's answer) runs end to end over HTTP."""
     rows = [{"prompt": r["text"], "completion": " great" if r["label"] else " terrible"} for r in sst2_rows(16)]
