@@ -259,8 +259,7 @@ def _record(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, pending: Pend
 
 async def _settle(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, pending: PendingCommit, eval_data) -> bool:
     """Wait for a step's commit and evaluate when due; False when the store's head had moved on."""
-    committed = await pending.task
-    await asyncio.sleep(0)  # the commit's done callback (`_record`) runs first
+    committed = await pending.task  # its done callback `_record`, added before this wait, has run
     spec = run.spec
     if eval_data is not None and spec.eval_every and run.step % spec.eval_every == 0:
         await _evaluate(runtime, run, adapter, eval_data)
