@@ -89,11 +89,13 @@ def print_summary(result: dict) -> None:
         met = result["targets_met"].get(key)
         note = "" if met is None else (f"  (target {result['targets'][key]}: {'met' if met else 'MISSED'})")
         print(f"{key:20s} {_fmt(result[key])}{note}")
-    ab = result.get("ab_gate") or result.get("ab_fast_paths")
+    ab = result.get("ab_gate") or result.get("ab_fast_paths") or result.get("ab_pipelined_commits")
     if ab:
         for name in ("together", "together_b"):
             if "gate_tokens" in ab:
                 variant = f"A/B gate {name:10s} {ab['gate_tokens'][name]} tokens"
+            elif "pipelined_commits" in ab:
+                variant = f"A/B commits {name:10s} {'pipelined' if ab['pipelined_commits'][name] else 'before the next step'}"
             else:
                 variant = f"A/B per-step paths {name:10s} {'zoserve' if ab['fast_paths'][name] else 'vLLM'}"
             print(f"{variant}: user_ttft_p99_ratio {_fmt(ab['user_ttft_p99_ratio'][name])} "
@@ -220,6 +222,11 @@ def main() -> None:
         "ones (scheduler/engine/cpu_fast_paths.py; phase 'together_b', same arrivals, alternating order); "
         "figures under 'ab_fast_paths'",
     )
+    parser.add_argument(
+        "--ab-pipelined-commits", action="store_true",
+        help="also run each round's together window with each step's commit ending before the job's next step goes "
+        "in (phase 'together_b', same arrivals, alternating order); figures under 'ab_pipelined_commits'",
+    )
     parser.add_argument("--step-gate-prefill-tokens", type=int, default=None,
                         help="probe tokens in a step that carries a user's prefill (default: the service's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's per-step token budget (default: the service's)")
@@ -252,8 +259,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds-long phases: checks the wiring, measures nothing")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.ab_fast_paths and args.ab_gate_tokens is not None:
-        parser.error("--ab-fast-paths and --ab-gate-tokens are two different A/Bs: give one")
+    if sum((args.ab_fast_paths, args.ab_pipelined_commits, args.ab_gate_tokens is not None)) > 1:
+        parser.error("--ab-fast-paths, --ab-pipelined-commits and --ab-gate-tokens are different A/Bs: give one")
     if args.ab_gate_tokens is not None:
         if args.step_gate_tokens is None:
             parser.error("--ab-gate-tokens needs the step gate (--step-gate-tokens N, not 'off')")

@@ -226,6 +226,10 @@ async def _train(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, method, 
             pending = await host.start_commit(adapter, outcome, method, hyper)
             pending.task.add_done_callback(functools.partial(_record, runtime, run, adapter, pending))
             step += 1
+            if not runtime.pipelined_commits:  # the commit ends before the next step's probes go in
+                done, pending = pending, None
+                await _settle(runtime, run, adapter, done, eval_data)
+                step = run.step
         if pending is not None:
             done, pending = pending, None
             await _settle(runtime, run, adapter, done, eval_data)

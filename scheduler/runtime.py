@@ -91,8 +91,12 @@ class Runtime:
         *,
         observer: RuntimeObserver | None = None,
         coscheduling: CoSchedulerConfig | None = None,
+        pipelined_commits: bool = True,
     ):
         self.binding = binding
+        # Jobs score a step while the one before it is committed; False: each commit ends first. Read at every
+        # step, so a benchmark may switch it on a running service.
+        self.pipelined_commits = pipelined_commits
         self.store = store
         self.observer = observer or NullObserver()
         self.slots = SlotPool(binding.slot_ids)

@@ -96,6 +96,7 @@ def create_app(settings: Settings | None = None, binding: EngineBinding | None =
                 hold_chunks_while_users_wait=settings.coscheduler_hold_chunks_while_users_wait,
                 min_probe_tokens_per_step=settings.coscheduler_min_probe_tokens_per_step,
             ),
+            pipelined_commits=settings.pipelined_commits,
         )
         app.state.runtime = runtime
         if settings.is_open:

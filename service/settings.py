@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     # Probe requests enter the engine one per event-loop turn, so user HTTP and streaming work on the one
     # loop never waits behind a burst of probe submissions (scheduler/probe_lane.py). False: all at once.
     probe_lane: bool = True
+    # A job scores its next step while the last one is committed (scheduler/job_runner.py); False: each step's
+    # commit ends before the next step's probes go in (sessions 1-18; kept for in-run A/Bs).
+    pipelined_commits: bool = True
     # A chunk of probe sequences goes to vLLM's engine core as one call and returns as one reply
     # (scheduler/engine/score_batches.py); False sends one vLLM request per sequence through AsyncLLM.
     batched_scoring: bool = True

@@ -136,7 +136,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
                 print(f"phase zo: the two jobs alone{_round(round_index, args.rounds)} ...", flush=True)
                 await window("zo", zo_alone)
                 binding = service.runtime.binding
-                if args.ab_fast_paths:
+                if args.ab_fast_paths or args.ab_pipelined_commits:
                     plan = together_windows(True, False, round_index)
                 else:
                     plan = together_windows(args.step_gate_tokens, args.ab_gate_tokens, round_index)
@@ -144,6 +144,9 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
                     if args.ab_fast_paths:
                         paths = ", ".join(await binding.fast_paths(setting)) or "vLLM's own"
                         note = f", per-step paths: {paths}"
+                    elif args.ab_pipelined_commits:
+                        service.runtime.pipelined_commits = setting
+                        note = f", commits {'pipelined' if setting else 'before the next step'}"
                     elif setting is not None:
                         binding.gate_cap.write(setting)
                         note = f", gate {setting} tokens"
@@ -155,6 +158,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
                     binding.gate_cap.write(args.step_gate_tokens)
                 if args.ab_fast_paths:
                     await binding.fast_paths(True)
+                service.runtime.pipelined_commits = True
 
             steps_by_job, job_states = {}, {}
             for adapter, weight in JOBS:

@@ -242,7 +242,7 @@ def summarise(args, raw: Raw, engine, num_engine_deaths: int) -> dict:
         },
     }
     if "together_b" in raw.phases:
-        key = "ab_fast_paths" if getattr(args, "ab_fast_paths", False) else "ab_gate"
+        key = ab_key(args)
         result[key], result["phases"]["together_b"] = ab_figures(
             args, raw, figures, users["ttft_p99_ms"], zo_alone["steps_per_s"]
         )
@@ -271,6 +271,15 @@ def phase_users(raw: Raw, phase: str) -> dict:
     return summary
 
 
+def ab_key(args) -> str:
+    """Where the figures of the run's A/B go in the JSON."""
+    if getattr(args, "ab_fast_paths", False):
+        return "ab_fast_paths"
+    if getattr(args, "ab_pipelined_commits", False):
+        return "ab_pipelined_commits"
+    return "ab_gate"
+
+
 def ab_figures(
     args, raw: Raw, figures: dict, users_ttft_p99_ms: float | None, zo_alone_steps_per_s: float
 ) -> tuple[dict, dict]:
@@ -283,6 +292,8 @@ def ab_figures(
     b_zo = zo_summary(raw.steps_by_job, b_w)
     if getattr(args, "ab_fast_paths", False):
         variant = {"fast_paths": {"together": True, "together_b": False}}
+    elif getattr(args, "ab_pipelined_commits", False):
+        variant = {"pipelined_commits": {"together": True, "together_b": False}}
     else:
         variant = {"gate_tokens": {"together": args.step_gate_tokens, "together_b": args.ab_gate_tokens}}
     ab = {

@@ -186,7 +186,7 @@ def test_ab_figures_compare_each_cap_with_the_same_alone_windows():
     from types import SimpleNamespace
 
     from coserve_parts.load import UserSample
-    from coserve_parts.summary import ab_figures
+    from coserve_parts.summary import ab_figures, ab_key
 
     def sample(phase: str, at: float, ttft: float) -> UserSample:
         return UserSample(phase, at, at, at + ttft, at + ttft + 0.1, 20, 16, None, None)
@@ -224,3 +224,10 @@ def test_ab_figures_compare_each_cap_with_the_same_alone_windows():
     fast_paths_ab, _ = ab_figures(SimpleNamespace(ab_fast_paths=True), raw, figures, 10.0, 4.0)
     assert fast_paths_ab["fast_paths"] == {"together": True, "together_b": False} and "gate_tokens" not in fast_paths_ab
     assert fast_paths_ab["user_ttft_p99_ratio"] == ab["user_ttft_p99_ratio"]
+    # ... and of pipelined commits, under their own key in the JSON.
+    commits_args = SimpleNamespace(ab_pipelined_commits=True)
+    commits_ab, _ = ab_figures(commits_args, raw, figures, 10.0, 4.0)
+    assert commits_ab["pipelined_commits"] == {"together": True, "together_b": False} and "fast_paths" not in commits_ab
+    assert commits_ab["zo_steps_ratio"] == ab["zo_steps_ratio"]
+    assert ab_key(commits_args) == "ab_pipelined_commits" and ab_key(SimpleNamespace(ab_fast_paths=True)) == "ab_fast_paths"
+    assert ab_key(args) == "ab_gate"
