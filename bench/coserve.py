@@ -95,7 +95,8 @@ def print_summary(result: dict) -> None:
             if "gate_tokens" in ab:
                 variant = f"A/B gate {name:10s} {ab['gate_tokens'][name]} tokens"
             elif "pipelined_commits" in ab:
-                variant = f"A/B commits {name:10s} {'pipelined' if ab['pipelined_commits'][name] else 'before the next step'}"
+                mode = "pipelined" if ab["pipelined_commits"][name] else "before the next step"
+                variant = f"A/B commits {name:10s} {mode}"
             else:
                 variant = f"A/B per-step paths {name:10s} {'zoserve' if ab['fast_paths'][name] else 'vLLM'}"
             print(f"{variant}: user_ttft_p99_ratio {_fmt(ab['user_ttft_p99_ratio'][name])} "

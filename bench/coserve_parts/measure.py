@@ -158,7 +158,8 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
                     binding.gate_cap.write(args.step_gate_tokens)
                 if args.ab_fast_paths:
                     await binding.fast_paths(True)
-                service.runtime.pipelined_commits = True
+                if args.ab_pipelined_commits:
+                    service.runtime.pipelined_commits = True
 
             steps_by_job, job_states = {}, {}
             for adapter, weight in JOBS:

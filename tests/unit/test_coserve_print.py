@@ -26,8 +26,9 @@ def _coserve():
 
 def _results():
     yield "coserve.json", json.loads((ROOT / "results" / "coserve.json").read_text())
-    for run_id, result in json.loads((ROOT / "results" / "coserve-session14.json").read_text()).items():
-        yield run_id, result
+    for session in (14, 19):  # 19: in-run A/Bs of the per-step paths and of pipelined commits
+        for run_id, result in json.loads((ROOT / "results" / f"coserve-session{session}.json").read_text()).items():
+            yield f"{session}:{run_id}", result
 
 
 @pytest.mark.parametrize("name,result", list(_results()), ids=lambda v: v if isinstance(v, str) else "")
@@ -37,3 +38,5 @@ def test_the_summary_prints_every_result(name, result, capsys):
     assert "user_ttft_p99_ratio" in out and "engine steps, together" in out
     has_threads = bool(result["phases"]["together"].get("engine_steps", {}).get("main_thread"))
     assert ("engine main thread, together" in out) == has_threads
+    assert ("A/B commits together_b before the next step" in out) == ("ab_pipelined_commits" in result)
+    assert ("A/B per-step paths together_b vLLM" in out) == ("ab_fast_paths" in result)
