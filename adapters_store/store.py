@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from adapters_store.blobs import BlobStore, content_key, get_verified, sha256_hex
-from adapters_store.errors import IntegrityError, InvalidArgument, StoreError, VersionNotFound
+from adapters_store.errors import HeadConflict, IntegrityError, InvalidArgument, StoreError, VersionNotFound
 from adapters_store.metadata import MetadataBackend
 from adapters_store.peft_format import write_peft_dir
 from adapters_store.records import (
@@ -34,6 +34,7 @@ from adapters_store.retention import ReplayPlan, plan_replay, snapshots_to_drop,
 from adapters_store.snapshots import decode_state, encode_state
 
 _ARTIFACTS = "artifacts"  # blob prefix of job artifacts (`put_artifact`)
+ROLLBACK_ATTEMPTS = 20  # commits a rollback tries while other writers keep moving the head
 
 # apply_record(theta, optimizer_state, record): redo one UPDATE record in place on fp32 CPU tensors.
 ApplyRecord = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], VersionRecord], None]
@@ -194,7 +195,10 @@ class AdapterStore:
     ) -> AdapterCommit:
         """A new head whose state equals `to_version` (history kept): a ROLLBACK record plus its snapshot.
 
-        The snapshot makes the new head independent of the old version's snapshots under retention.
+        The snapshot makes the new head independent of the old version's snapshots under retention. The new
+        state does not depend on the head, so without `expected_head` a rollback that loses the head to another
+        writer (a job still training the adapter) goes on top of the new head, up to `ROLLBACK_ATTEMPTS` times;
+        with it, HeadConflict is raised as for any commit.
         """
         head = (await self.get_adapter(name)).head if expected_head is None else expected_head
         validate_version(to_version, "to_version")
@@ -202,11 +206,19 @@ class AdapterStore:
             raise InvalidArgument("to_version", f"{to_version} is not earlier than the head {head}")
         state = await self.materialize(name, to_version, apply_record)
         step = 0 if to_version == 0 else (await self.get_record(name, to_version)).step
-        record = VersionRecord(
-            version=head + 1, parent=head, step=step, optimizer="rollback",
-            kind=RecordKind.ROLLBACK, rollback_to=to_version,
-        )
-        return await self.commit(name, record, state)
+        attempts = 0
+        while True:
+            record = VersionRecord(
+                version=head + 1, parent=head, step=step, optimizer="rollback",
+                kind=RecordKind.ROLLBACK, rollback_to=to_version,
+            )
+            try:
+                return await self.commit(name, record, state)
+            except HeadConflict:
+                attempts += 1
+                if expected_head is not None or attempts == ROLLBACK_ATTEMPTS:
+                    raise
+                head = (await self.get_adapter(name)).head
 
     # -- artifacts ----------------------------------------------------------------------------------------------
 

@@ -121,6 +121,32 @@ async def test_rollback_makes_old_state_the_new_head(store) -> None:
     await store.check("rb")
 
 
+async def test_a_rollback_losing_the_head_to_a_training_job_goes_on_top_of_its_step(store, monkeypatch) -> None:
+    """A job still commits steps while the rollback builds its state: the rollback lands on the new head
+    instead of failing; asked for a specific head, it still refuses."""
+    layout = small_layout()
+    apply = mezo_applier(layout)
+    live = await create(store, "rb-race", layout)
+    history = await run_steps(store, "rb-race", layout, live, 6)
+    materialize = store.materialize
+
+    async def a_job_steps_meanwhile(name, version, apply_record):  # two steps land while the state is built
+        state = await materialize(name, version, apply_record)
+        live_now = {k: v.clone() for k, v in history[max(history)].items()}
+        history.update(await run_steps(store, "rb-race", layout, live_now, 2))
+        return state
+
+    monkeypatch.setattr(store, "materialize", a_job_steps_meanwhile)
+    commit = await store.rollback("rb-race", 2, apply)
+    assert commit.record.kind == RecordKind.ROLLBACK and (commit.record.parent, commit.record.version) == (8, 9)
+    monkeypatch.undo()
+    assert_theta_equal((await store.materialize("rb-race", 9, apply)).theta, history[2])
+    assert_theta_equal((await store.materialize("rb-race", 8, apply)).theta, history[8])
+    await store.check("rb-race")
+    with pytest.raises(HeadConflict):  # a caller that named the head it saw is refused once the head moved
+        await store.rollback("rb-race", 1, apply, expected_head=8)
+
+
 async def test_rollback_replays_through_record_without_its_snapshot(store) -> None:
     """Even with the rollback snapshot gone, the ROLLBACK record alone rebuilds the state."""
     layout = small_layout()
