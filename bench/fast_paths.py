@@ -58,9 +58,7 @@ def run(calls: int, seed: int) -> dict:
 
     vllm_mapping, vllm_gather = cpu_fast_paths.vllm_originals()
     rng = np.random.default_rng(seed)
-    slots = [None] * 16
-    for index, lora_id in enumerate(SLOT_IDS):
-        slots[index] = lora_id
+    slots = [*SLOT_IDS, *[None] * (16 - len(SLOT_IDS))]
     sampler = Sampler()
     result: dict = {"benchmark": "fast_paths", "calls": calls, "shapes": {}}
     for name, num_tokens, num_requests, num_scoring in SHAPES:

@@ -229,7 +229,6 @@ async def _train(runtime: Runtime, run: JobRun, adapter: LoadedAdapter, method, 
             if not runtime.pipelined_commits:  # the commit ends before the next step's probes go in
                 done, pending = pending, None
                 await _settle(runtime, run, adapter, done, eval_data)
-                step = run.step
         if pending is not None:
             done, pending = pending, None
             await _settle(runtime, run, adapter, done, eval_data)

@@ -286,16 +286,16 @@ def ab_figures(
     """With an A/B inside the run: the ratios of each variant, each against the same users-alone and ZO-alone
     windows, and the `together_b` phase's own summary. `--ab-gate-tokens`: `together` at `--step-gate-tokens`,
     `together_b` at the A/B cap (`gate_tokens`); `--ab-fast-paths`: `together` with the engine's vectorised
-    per-step paths, `together_b` with vLLM's own (`fast_paths`)."""
+    per-step paths, `together_b` with vLLM's own (`fast_paths`); `--ab-pipelined-commits`: `together` with
+    pipelined commits, `together_b` with each commit before the next step (`pipelined_commits`)."""
     users_w, zo_w, b_w = raw.phases["users"], raw.phases["zo"], raw.phases["together_b"]
     b_users = phase_users(raw, "together_b")
     b_zo = zo_summary(raw.steps_by_job, b_w)
-    if getattr(args, "ab_fast_paths", False):
-        variant = {"fast_paths": {"together": True, "together_b": False}}
-    elif getattr(args, "ab_pipelined_commits", False):
-        variant = {"pipelined_commits": {"together": True, "together_b": False}}
-    else:
+    key = ab_key(args)
+    if key == "ab_gate":
         variant = {"gate_tokens": {"together": args.step_gate_tokens, "together_b": args.ab_gate_tokens}}
+    else:  # a switch, on in `together` and off in `together_b`: "fast_paths", "pipelined_commits"
+        variant = {key.removeprefix("ab_"): {"together": True, "together_b": False}}
     ab = {
         **variant,
         "user_ttft_p99_ratio": {
