@@ -94,3 +94,27 @@ def test_multi_token_logits_match_a_per_option_sum():
             tokens = data.contexts[i] + option
             expected = sum(logprob(tokens[:k], tokens[k]) for k in range(len(data.contexts[i]), len(tokens))) / len(option)
             assert math.isclose(value, expected, rel_tol=1e-12)
+
+
+def test_batches_follow_a_seeded_shuffle_of_each_epoch():
+    """The cached epoch orders give the same batches as shuffling the epoch for each step: a job resumed
+    mid-epoch, or scored by the baseline loop, sees the order a run without the cache saw."""
+    import random
+
+    def reference(job_seed, step, batch_size, num_examples):
+        out, position = [], step * batch_size
+        while len(out) < batch_size:
+            epoch, offset = divmod(position, num_examples)
+            order = list(range(num_examples))
+            random.Random(f"zoserve-epoch:{job_seed}:{epoch}").shuffle(order)
+            take = min(batch_size - len(out), num_examples - offset)
+            out += order[offset : offset + take]
+            position += take
+        return out
+
+    for seed, batch_size, num_examples in ((0, 16, 67), (7, 5, 12), (3, 32, 20)):
+        for step in range(12):
+            assert batch_indices(seed, step, batch_size, num_examples) == reference(seed, step, batch_size, num_examples)
+    batch = batch_indices(1, 0, 4, 10)
+    batch.append(99)  # a caller's list is its own: the cached order is untouched
+    assert batch_indices(1, 0, 4, 10) == reference(1, 0, 4, 10)
