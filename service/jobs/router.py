@@ -18,6 +18,7 @@ from service.auth import require_admin
 from service.errors import InvalidInput, NotFound
 from service.examples import ExampleIn, to_records
 from service.files.store import FileStore
+from service.jobs.inline_examples import with_checked_examples
 from service.jobs.schemas import (
     ClassificationObjectiveIn,
     DirectionIn,
@@ -119,6 +120,7 @@ def _direction(direction: DirectionIn | None, files: FileStore) -> dict:
 
 @router.post("", status_code=201, response_model=JobOut)
 async def create_job(body: JobCreate, runtime: RuntimeDep, request: Request) -> JobOut:
+    body = await with_checked_examples(body)
     spec = await asyncio.to_thread(to_spec, body, request.app.state.files)
     return to_out(await runtime.create_job(spec))
 

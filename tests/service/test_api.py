@@ -89,6 +89,10 @@ async def test_job_input_errors_name_the_field(admin):
         ({"training_file": "file-000000000000000000000000"}, "training_file"),  # and training_data: both
         ({"training_file": "file-000000000000000000000000", "training_data": None}, "training_file"),  # unknown
         ({"training_data": None}, "training_data"),
+        ({"training_data": []}, "training_data"),
+        ({"training_data": "rows"}, "training_data"),
+        ({"training_data": [{"text": "a film", "label": 0}] * 3000 + [{"text": "", "label": 0}]}, "training_data.3000"),
+        ({"validation_data": [{"text": "a film"}]}, "validation_data.0"),
         ({"objective": {"type": "classification", "template": "no slot", "options": [" a", " b"]}}, "objective.template"),
         ({"objective": {"type": "regression"}}, "objective"),
         ({"objective": {"type": "reward", "template": "no slot"}, "training_data": _REWARD_ROWS}, "objective.template"),
