@@ -80,7 +80,7 @@ class JobRun:
         )
 
     def view(self, version: int) -> JobView:
-        recent = list(self.step_metrics)[-20:]
+        recent = list(itertools.islice(reversed(self.step_metrics), 20))  # the last 20, without copying them all
         busy = busy_s(recent)
         return JobView(
             self.id, self.spec.adapter, self.status, self.step, self.spec.max_steps, version, self.last_loss,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import enum
+import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from scheduler.objectives import ClassificationObjective, CompletionObjective, LabelledText, PromptCompletion
@@ -96,6 +98,28 @@ class EvalMetric:
     loss: float
     accuracy: float | None
     time: float
+
+
+@dataclass(frozen=True)
+class MetricsPage:
+    """A page of a job's metrics: steps after a step number, in order, and the evaluations among them."""
+
+    steps: list[StepMetric]
+    evals: list[EvalMetric]
+    has_more: bool  # steps past this page exist; ask again after the last step here
+
+
+def metrics_page(
+    steps: Sequence[StepMetric], evals: Iterable[EvalMetric], after_step: int, limit: int
+) -> MetricsPage:
+    """At most `limit` of `steps` (in step order, as a job records them) with a step number above `after_step`,
+    and the evaluations with a step number in the same range. Costs a binary search and the page itself, not a
+    pass over every recorded step: a long job keeps up to 100,000."""
+    start = bisect.bisect_right(steps, after_step, key=lambda m: m.step)
+    page = list(itertools.islice(steps, start, start + limit))
+    has_more = start + len(page) < len(steps)
+    up_to = page[-1].step if has_more else math.inf
+    return MetricsPage(page, [e for e in evals if after_step < e.step <= up_to], has_more)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ from scheduler.errors import AdapterBusy, InvalidJobSpec, JobNotFound, JobStateC
 from scheduler.job_artifacts import has_artifacts, validate_artifacts
 from scheduler.job_journal import JobJournal
 from scheduler.job_runner import JobRun, method_hyper, probe_slots_needed, run_job
-from scheduler.jobs import AdapterView, EvalMetric, JobEvent, JobSpec, JobStatus, JobView, StepMetric, VersionView
+from scheduler.jobs import (
+    AdapterView, EvalMetric, JobEvent, JobSpec, JobStatus, JobView, MetricsPage, StepMetric, VersionView, metrics_page,
+)
 from scheduler.objectives import ClassificationObjective, LabelledText, PromptCompletion
 from scheduler.probe_cap_control import ProbeCapControl
 from scheduler.rewards import RewardObjective, words
@@ -218,9 +220,9 @@ class Runtime:
     def job_events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
         return [e for e in self._get(job_id).events if e.seq > after_seq]
 
-    def job_metrics(self, job_id: str) -> tuple[list[StepMetric], list[EvalMetric]]:
+    def job_metrics(self, job_id: str, after_step: int = 0, limit: int = 1000) -> MetricsPage:
         run = self._get(job_id)
-        return list(run.step_metrics), list(run.eval_metrics)
+        return metrics_page(run.step_metrics, run.eval_metrics, after_step, limit)
 
     def pause(self, job_id: str) -> JobView:
         run = self._get(job_id)

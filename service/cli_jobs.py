@@ -120,7 +120,11 @@ def plot(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     with _client(args) as http:
-        metrics = _check(http.get(f"/v1/jobs/{args.job_id}/metrics"))
+        metrics = _check(http.get(f"/v1/jobs/{args.job_id}/metrics", params={"limit": 10_000}))
+        while metrics["has_more"]:  # a long job: the rest page by page
+            after = metrics["steps"][-1]["step"]
+            page = _check(http.get(f"/v1/jobs/{args.job_id}/metrics", params={"after_step": after, "limit": 10_000}))
+            metrics = {**page, "steps": metrics["steps"] + page["steps"], "evals": metrics["evals"] + page["evals"]}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot([m["step"] for m in metrics["steps"]], [m["loss"] for m in metrics["steps"]], label="train loss", lw=1)
     if metrics["evals"]:

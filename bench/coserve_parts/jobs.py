@@ -52,3 +52,14 @@ async def wait_job(client, job_id: str, predicate, timeout_s: float) -> dict:
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} not ready within {timeout_s} s: {job}")
         await asyncio.sleep(0.2)
+
+
+async def job_steps(client, job_id: str) -> list[dict]:
+    """Every step record of a job, page by page (`GET /v1/jobs/{id}/metrics` returns at most 10,000 a call)."""
+    steps: list[dict] = []
+    while True:
+        params = {"after_step": steps[-1]["step"] if steps else 0, "limit": 10_000}
+        page = (await client.get(f"/v1/jobs/{job_id}/metrics", params=params)).json()
+        steps += page["steps"]
+        if not page["has_more"]:
+            return steps

@@ -22,7 +22,7 @@ from scheduler.engine.step_trace import TRACE_ENV, StepRecord
 from service.app import engine_config
 from service.settings import Settings
 
-from coserve_parts.jobs import JOBS, _rows, create_job, job_body, wait_job
+from coserve_parts.jobs import JOBS, _rows, create_job, job_body, job_steps, wait_job
 from coserve_parts.load import USER_ADAPTERS, LoadClient, UserSample, one_request, poisson_offsets
 from coserve_parts.monitors import (
     EngineDeathCounter, ProcessCpu, StageRecorder, StallMonitor, pin_worker, sample_runtime,
@@ -163,7 +163,7 @@ async def measure(args, service: Service, prompts: list[str], train_rows: list[d
 
             steps_by_job, job_states = {}, {}
             for adapter, weight in JOBS:
-                steps_by_job[adapter] = (weight, (await client.get(f"/v1/jobs/{job_ids[adapter]}/metrics")).json()["steps"])
+                steps_by_job[adapter] = (weight, await job_steps(client, job_ids[adapter]))
                 job_states[adapter] = (await client.get(f"/v1/jobs/{job_ids[adapter]}")).json()["status"]
         finally:
             stop_sampling.set()

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from scheduler.jobs import JobSpec, JobView, SparseMaskRequest
+from scheduler.jobs import JobSpec, JobView, SparseMaskRequest, StepMetric
 from scheduler.objectives import ClassificationObjective, CompletionObjective
 from scheduler.rewards import InvalidRewardObjective, RewardObjective
 from scheduler.runtime import Runtime
@@ -160,12 +160,28 @@ async def job_events(job_id: str, runtime: RuntimeDep, after: Annotated[int, Que
 
 
 @router.get("/{job_id}/metrics", response_model=JobMetrics)
-async def job_metrics(job_id: str, runtime: RuntimeDep) -> JobMetrics:
-    steps, evals = runtime.job_metrics(job_id)
+async def job_metrics(
+    job_id: str,
+    runtime: RuntimeDep,
+    after_step: Annotated[int, Query(ge=0, description="only steps (and evaluations) after this step number")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="at most this many steps")] = 1000,
+) -> JobMetrics:
+    # Paged: a long job keeps up to 100,000 step records, and building them all in one reply would stop the
+    # event loop for over a second.
+    page = runtime.job_metrics(job_id, after_step, limit)
     view = runtime.job(job_id)
     return JobMetrics(
         job_id=job_id,
-        steps=[StepMetricOut(**asdict(m), steps_per_s=1.0 / m.duration_s if m.duration_s > 0 else None) for m in steps],
-        evals=[EvalMetricOut(**asdict(e)) for e in evals],
+        steps=[_step_out(m) for m in page.steps],
+        evals=[EvalMetricOut(step=e.step, version=e.version, loss=e.loss, accuracy=e.accuracy, time=e.time) for e in page.evals],
         steps_per_s=view.steps_per_s,
+        has_more=page.has_more,
+    )
+
+
+def _step_out(m: StepMetric) -> StepMetricOut:
+    return StepMetricOut(
+        step=m.step, version=m.version, loss=m.loss, projected_grad_norm=m.projected_grad_norm, duration_s=m.duration_s,
+        steps_per_s=1.0 / m.duration_s if m.duration_s > 0 else None, time=m.time, num_sequences=m.num_sequences,
+        num_tokens=m.num_tokens,
     )

@@ -156,3 +156,4 @@ class JobMetrics(BaseModel):
     steps: list[StepMetricOut]
     evals: list[EvalMetricOut]
     steps_per_s: float | None
+    has_more: bool = Field(description="more steps follow: ask again with after_step = the last step here")

@@ -183,11 +183,17 @@ async def test_job_lifecycle_pause_resume_events_and_metrics(admin, client):
     assert [e["seq"] for e in later] == [seqs[-1]]
 
     metrics = (await admin.get(f"/v1/jobs/{job_id}/metrics")).json()
-    assert [m["step"] for m in metrics["steps"]] == list(range(1, 41))
+    assert [m["step"] for m in metrics["steps"]] == list(range(1, 41)) and not metrics["has_more"]
     first = metrics["steps"][0]
     assert first["loss"] > 0 and first["projected_grad_norm"] >= 0 and first["steps_per_s"] > 0
     assert len(metrics["evals"]) >= 8 and all(0 <= e["accuracy"] <= 1 for e in metrics["evals"])
     assert metrics["steps_per_s"] > 0
+    # Paged: the same steps and evaluations, each once, in two calls.
+    head = (await admin.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 15})).json()
+    tail = (await admin.get(f"/v1/jobs/{job_id}/metrics", params={"after_step": 15, "limit": 100})).json()
+    assert head["has_more"] and not tail["has_more"]
+    assert head["steps"] + tail["steps"] == metrics["steps"] and head["evals"] + tail["evals"] == metrics["evals"]
+    assert (await admin.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 0})).status_code == 422
 
     # Pause/resume/cancel of a finished job: 409, and the job stays as it is.
     for action in ("cancel", "pause", "resume"):
