@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "fast_paths.py"
+from bench_json import run_bench
 
 
 def test_the_fast_paths_benchmark_times_both_forms_at_each_step_shape():
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--calls", "3", "--json"], capture_output=True, text=True, timeout=300, check=True
-    )
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_bench("fast_paths.py", "--calls", "3", timeout_s=300)
     assert report["benchmark"] == "fast_paths" and report["calls"] == 3
     shapes = report["shapes"]
     assert list(shapes) == ["user_prefill", "decode_and_probes", "zo_alone_probe_step"]
