@@ -120,9 +120,9 @@ def plot(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     with _client(args) as http:
-        metrics = _check(http.get(f"/v1/jobs/{args.job_id}/metrics", params={"limit": 10_000}))
-        while metrics["has_more"]:  # a long job: the rest page by page
-            after = metrics["steps"][-1]["step"]
+        metrics = {"steps": [], "evals": [], "has_more": True}
+        while metrics["has_more"]:  # page by page: at most 10,000 steps a reply
+            after = metrics["steps"][-1]["step"] if metrics["steps"] else 0
             page = _check(http.get(f"/v1/jobs/{args.job_id}/metrics", params={"after_step": after, "limit": 10_000}))
             metrics = {**page, "steps": metrics["steps"] + page["steps"], "evals": metrics["evals"] + page["evals"]}
     fig, ax = plt.subplots(figsize=(8, 4.5))
